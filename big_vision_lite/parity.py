@@ -83,13 +83,13 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def load_reference(name_or_path: str, dtype: str):
+def load_reference(name_or_path: str, dtype: str, attn_implementation: str = "eager"):
     """The transformers model for the same weights: packaged models load from their GGUF file directly."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": "eager"}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if name_or_path in PACKAGED_MODELS:
         gguf = packaged_gguf_path(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)

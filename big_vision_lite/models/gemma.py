@@ -292,11 +292,15 @@ class Decoder(nn.Module):
         positions: jax.Array,
         attn_mask: jax.Array,
         cache: KVCache | None = None,
+        *,
+        last_logits_only: bool = False,
     ) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+        """See the class docstring; `last_logits_only` returns logits [B, 1, V] of the last token (prefill)."""
         x = self.embed(tokens)
         xs, cache, out = self.forward([x] + [None] * (len(self.configs) - 1), positions, attn_mask, cache)
         out["embeddings"] = x
-        return self.logits(xs[0]), cache, out
+        final = xs[0][:, -1:] if last_logits_only else xs[0]
+        return self.logits(final), cache, out
 
 
 def positions_from_mask(input_mask: jax.Array) -> jax.Array:

@@ -1,0 +1,204 @@
+"""The decoder's own invariants: caches, experts, LoRA, scan/remat layouts, dtype policy, config checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.generate import make_apply
+from big_vision_lite.models.attention import Attention, causal_mask, rope_inv_freq
+from big_vision_lite.models.gemma import (
+    Decoder,
+    DecoderConfig,
+    positions_from_mask,
+    prefill_mask,
+    stack_layers,
+    unstack_layers,
+)
+from big_vision_lite.models.lora import Einsum, LoRAConfig, lora_equations
+from big_vision_lite.parity import parity_batch
+
+SMALL = DecoderConfig(vocab_size=64, width=32, depth=3, mlp_dim=48, num_heads=4, num_kv_heads=2, head_dim=8,
+                      family="gemma3_text", post_norms=True, qk_norm=True, layer_types=("sliding", "sliding", "full"),
+                      sliding_window=4, attn_logit_softcap=5.0, final_logit_softcap=3.0, local_rope_theta=100.0)
+
+
+def _init(module, tokens, mask, seed=0):
+    return module.init(jax.random.key(seed), tokens, positions_from_mask(mask), prefill_mask(mask))["params"]
+
+
+@pytest.mark.parametrize("family", ["gemma_mha", "gemma2", "gemma3", "llama", "qwen3"])
+def test_concat_cache_steps_equal_one_pass(tiny_checkpoints, family):
+    """Prefill a prefix, then feed one token at a time through the concatenation cache: same logits."""
+    module, params, cfg = load_decoder(tiny_checkpoints[family])
+    tokens, mask = parity_batch(cfg.vocab_size, 20)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    apply = make_apply(module)
+    positions = positions_from_mask(mask)
+    full, _, _ = apply(params, tokens, positions, prefill_mask(mask), None)
+
+    prefix = 12  # longer than the left padding of row 1, shorter than the sequence
+    _, cache, _ = apply(params, tokens[:, :prefix], positions[:, :prefix], prefill_mask(mask[:, :prefix]), None)
+    for t in range(prefix, tokens.shape[1]):
+        step_mask = causal_mask(positions[:, t : t + 1], jnp.concatenate([cache.positions, positions[:, t : t + 1]], 1),
+                                mask[:, : t + 1])
+        logits, cache, _ = apply(params, tokens[:, t : t + 1], positions[:, t : t + 1], step_mask, cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5, err_msg=f"step {t}")
+    assert cache.k.shape == (cfg.depth, 2, tokens.shape[1], cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_scan_and_unrolled_layers_agree_and_convert():
+    tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
+    scanned = Decoder([SMALL], scan_layers=True)
+    params = _init(scanned, tokens, mask)
+    unrolled = Decoder([SMALL], scan_layers=False)
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    a = scanned.apply({"params": params}, *args)[0]
+    b = unrolled.apply({"params": unstack_layers(params, SMALL.depth)}, *args)[0]
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+    restacked = stack_layers(unstack_layers(params, SMALL.depth), SMALL.depth)
+    jax.tree.map(np.testing.assert_array_equal, restacked, params)
+
+
+def test_remat_policy_keeps_values_and_gradients():
+    tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    plain = Decoder([SMALL])
+    params = _init(plain, tokens, mask)
+
+    def loss(module, p):
+        return jnp.mean(module.apply({"params": p}, *args)[0] ** 2)
+
+    for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
+        remat = Decoder([SMALL], remat_policy=policy)
+        g0, g1 = jax.grad(lambda p: loss(plain, p))(params), jax.grad(lambda p, m=remat: loss(m, p))(params)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), g0, g1)
+    with pytest.raises(ValueError, match="remat_policy 'no_such_policy'"):
+        Decoder([SMALL], remat_policy="no_such_policy").apply({"params": params}, *args)
+
+
+def test_attention_probabilities_on_request():
+    tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    params = _init(Decoder([SMALL]), tokens, mask)
+    _, _, out = Decoder([SMALL], return_probs=True).apply({"params": params}, *args)
+    probs = out["attn_probs"]  # [L, B, N, T, S]
+    assert probs.shape == (SMALL.depth, 2, SMALL.num_heads, 10, 10)
+    valid_rows = np.asarray(mask)[None, :, None, :, None]
+    np.testing.assert_allclose(np.where(valid_rows, probs.sum(-1, keepdims=True), 1.0), 1.0, rtol=1e-5)
+    # Padding and future keys get exactly zero weight; sliding layers drop keys beyond the window (4).
+    assert float(probs[:, 1, :, 2:, :2].max()) == 0.0  # row 1 is left-padded by 10 // 4 = 2 tokens
+    assert float(jnp.triu(probs[:, 0], k=1).max()) == 0.0
+    assert float(probs[0, 0, :, 9, :6].max()) == 0.0 and float(probs[2, 0, :, 9, :6].min()) > 0.0
+    _, _, out = Decoder([SMALL]).apply({"params": params}, *args)
+    assert "attn_probs" not in out
+
+
+def test_bfloat16_compute_keeps_norms_and_softmax_in_float32():
+    tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    params = _init(Decoder([SMALL]), tokens, mask)
+    ref = Decoder([SMALL]).apply({"params": params}, *args)[0]
+    bf16 = Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.float32, return_probs=True)
+    logits, cache, out = bf16.apply({"params": params}, *args)
+    assert logits.dtype == jnp.float32 and out["attn_probs"].dtype == jnp.float32
+    assert cache.k.dtype == jnp.bfloat16 and out["final"].dtype == jnp.bfloat16
+    rel = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 3e-2, rel
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    assert jax.tree.leaves(Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).init(
+        jax.random.key(0), *args)["params"])[0].dtype == jnp.bfloat16
+    Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply({"params": bf16_params}, *args)
+
+
+def _attention(configs, xs, positions, mask, params=None, seed=0):
+    module = Attention(configs)
+    inv_freq = jnp.asarray(rope_inv_freq(configs[0].head_dim, 10_000.0))
+    if params is None:
+        params = module.init(jax.random.key(seed), xs, positions, mask, inv_freq)["params"]
+    outs, kv, _ = module.apply({"params": params}, xs, positions, mask, inv_freq)
+    return outs, kv, params
+
+
+def test_two_identical_experts_equal_one_expert_on_concatenated_tokens():
+    cfg = dataclasses.replace(SMALL, qk_norm=True)
+    x = jax.random.normal(jax.random.key(1), (2, 7, cfg.width))
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    mask = causal_mask(positions, positions, jnp.ones((2, 7), bool))
+    one, _, params = _attention([cfg], [x], positions, mask)
+    # The second expert is a copy of the first: parameters duplicated under the `_1` names.
+    two_params = params | {f"{k}_1": v for k, v in params.items()}
+    (a, b), _, _ = _attention([cfg, cfg], [x[:, :3], x[:, 3:]], positions, mask, two_params)
+    np.testing.assert_allclose(jnp.concatenate([a, b], axis=1), one[0], atol=1e-6, rtol=1e-6)
+
+
+def test_experts_of_different_widths_mask_across_experts():
+    small, wide = dataclasses.replace(SMALL, width=16), dataclasses.replace(SMALL, width=48)
+    xa = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    xb = jax.random.normal(jax.random.key(2), (2, 3, 48))
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    # Prefix-LM: expert 0's 5 tokens never see expert 1's; expert 1 sees everything before it.
+    mask = causal_mask(positions, positions, jnp.ones((2, 8), bool))
+    (a, b), (k, v), params = _attention([small, wide], [xa, xb], positions, mask)
+    assert a.shape == (2, 5, 16) and b.shape == (2, 3, 48) and k.shape == (2, 8, SMALL.num_kv_heads, SMALL.head_dim)
+    assert params["q_einsum"]["w"].shape == (4, 16, 8) and params["q_einsum_1"]["w"].shape == (4, 48, 8)
+    (a2, b2), _, _ = _attention([small, wide], [xa, xb * 3.0], positions, mask, params)
+    np.testing.assert_array_equal(a, a2)  # expert 0 cannot see the changed expert-1 tokens
+    assert float(jnp.abs(b - b2).max()) > 1e-3
+    (a3, _), _, _ = _attention([small, wide], [xa, None], positions[:, :5], mask[:, :5, :5], params)
+    np.testing.assert_allclose(a3, a, atol=1e-6)
+    with pytest.raises(AssertionError, match="experts disagree on num_heads"):
+        _attention([small, dataclasses.replace(wide, num_heads=8)], [xa, xb], positions, mask)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fresh_lora_adapter_is_an_exact_no_op(rslora):
+    tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    base = Decoder([SMALL])
+    params = _init(base, tokens, mask)
+    lora_cfg = dataclasses.replace(SMALL, lora=LoRAConfig(rank=2, alpha=4.0, rslora=rslora))
+    lora_params = _init(Decoder([lora_cfg]), tokens, mask, seed=1)
+    assert "lora_a" in lora_params["layers"]["attn"]["q_einsum"]
+    assert "gating_einsum_lora_b" in lora_params["layers"]["mlp"]
+    # Give the adapted model the base weights; its fresh adapters (B = 0) must change nothing.
+    merged = jax.tree_util.tree_map_with_path(
+        lambda path, a: a if "lora" in jax.tree_util.keystr(path) else _get(params, path), lora_params)
+    np.testing.assert_array_equal(Decoder([lora_cfg]).apply({"params": merged}, *args)[0],
+                                  base.apply({"params": params}, *args)[0])
+    # A trained adapter (B != 0) does change the output, by exactly scale * B(A(x)).
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    layer = Einsum((4, 5, 6), "BTD,NDH->BTNH", lora=LoRAConfig(2, alpha=4.0, rslora=rslora))
+    p = layer.init(jax.random.key(0), x)["params"]
+    p = p | {"lora_b": jnp.ones_like(p["lora_b"])}
+    scale = 4.0 / (np.sqrt(2) if rslora else 2)
+    expected = jnp.einsum("BTD,NDH->BTNH", x, p["w"]) + scale * jnp.einsum(
+        "BTNL,NLH->BTNH", jnp.einsum("BTD,NDL->BTNL", x, p["lora_a"]), p["lora_b"])
+    np.testing.assert_allclose(layer.apply({"params": p}, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_lora_equations_and_errors():
+    assert lora_equations("BSD,3KDH->3BSKH") == ("BSD,3KDL->3BSKL", "3BSKL,3KLH->3BSKH")
+    assert lora_equations("BTNH,NHD->BTD") == ("BTNH,NHL->BTL", "BTL,LD->BTD")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRAConfig(rank=0)
+
+
+def test_config_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        dataclasses.replace(SMALL, num_kv_heads=3)
+    with pytest.raises(ValueError, match="layer_types has 2 entries, depth is 3"):
+        dataclasses.replace(SMALL, layer_types=("full", "full"))
+    with pytest.raises(ValueError, match="sliding layers need a positive sliding_window"):
+        dataclasses.replace(SMALL, sliding_window=None)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        dataclasses.replace(SMALL, activation="relu")

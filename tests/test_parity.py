@@ -1,0 +1,66 @@
+"""Golden-value parity against transformers on tiny random checkpoints of every family, and the `bvl` CLI."""
+
+import dataclasses
+import json
+
+import pytest
+
+import big_vision_lite.parity as parity
+from big_vision_lite.cli import main
+from conftest import TINY_FAMILIES
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_tiny_family_matches_transformers(tiny_checkpoints, family):
+    report = parity.run_parity(str(tiny_checkpoints[family]))
+    assert report.max_rel_err <= 1e-5, report.table()
+    assert report.greedy_match, report.table()
+    assert report.ok and report.tolerance == 1e-5
+    config = json.loads((tiny_checkpoints[family] / "config.json").read_text())
+    assert [e.name for e in report.layers] == ["embeddings", *[f"layer_{i}" for i in range(
+        config["num_hidden_layers"])], "final_norm", "logits"]
+
+
+def test_parity_detects_a_wrong_sliding_window(tiny_checkpoints, monkeypatch):
+    """A check that cannot fail proves nothing: give our side a window one token too wide."""
+    real_load = parity.load_decoder
+
+    def widened(*args, **kwargs):
+        module, params, cfg = real_load(*args, **kwargs)
+        cfg = dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
+        return module.clone(configs=[cfg]), params, cfg
+
+    monkeypatch.setattr(parity, "load_decoder", widened)
+    report = parity.run_parity(str(tiny_checkpoints["gemma2"]), greedy_tokens=2)
+    assert not report.ok and report.max_rel_err > 1e-3
+    assert report.layers[0].rel_err == 0.0  # embeddings do not depend on the window
+
+
+def test_cli_parity_writes_json_and_exit_status(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    assert main(["parity", str(tiny_checkpoints["qwen3"]), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model_type"] == "qwen3" and report["dtype"] == "float32" and report["ok"] is True
+    assert report["greedy_match"] is True and report["max_rel_err"] <= 1e-5 and len(report["layers"]) == 5
+    assert "logits" in capsys.readouterr().out
+    # An impossible tolerance fails the run with exit status 1.
+    assert main(["parity", str(tiny_checkpoints["qwen3"]), "--tolerance", "0"]) == 1
+
+
+def test_cli_bfloat16_parity(tiny_checkpoints, tmp_path):
+    out = tmp_path / "parity.json"
+    assert main(["parity", str(tiny_checkpoints["gemma3"]), "--dtype", "bfloat16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and 0 < report["max_rel_err"] <= report["tolerance"] == 3e-2
+
+
+def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, capsys):
+    assert main(["parity", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "gemma3-270m" in err and "smollm2-135m" in err and "Traceback" not in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    assert main(["parity", str(bad)]) == 2
+    assert "model_type 'mamba' is not supported" in capsys.readouterr().err
+    assert main(["parity", str(tiny_checkpoints["llama"]), "--seq-len", "0"]) == 2
