@@ -1,12 +1,8 @@
 """Shared fixtures: tiny random-init transformers checkpoints of every decoder family, built (never downloaded)."""
 
-import os
 from pathlib import Path
 
 import pytest
-
-# Tests must not touch the user's cache: converted packaged models go to a per-run folder unless CI/dev set one.
-os.environ.setdefault("BVL_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "big_vision_lite"))
 
 # Every family and path the decoder supports, as transformers config kwargs.
 TINY_FAMILIES = {

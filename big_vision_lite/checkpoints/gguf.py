@@ -98,10 +98,8 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only; the cache folder should read like any other
         # "format": "pt" is what transformers' safetensors loader expects in the header.
         save_file(tensors, tmp_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-        del tensors
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         marker = {"converter_version": CONVERTER_VERSION, **_source_identity(gguf_path)}
         (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -143,20 +141,16 @@ def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
         magic = f.read(len(_GGUF_MAGIC))
     if size == 0:
         raise GGUFConversionError(f"{gguf_path}: file is empty, not a GGUF file")
+    if len(magic) < len(_GGUF_MAGIC) and _GGUF_MAGIC.startswith(magic):
+        raise GGUFConversionError(f"{gguf_path}: truncated GGUF file ({size} bytes, cut inside the magic)")
     if magic != _GGUF_MAGIC:
         raise GGUFConversionError(f"{gguf_path}: not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r})")
     try:
-        reader = gguf.GGUFReader(gguf_path)
-    except (ValueError, IndexError, OSError) as e:
-        # GGUFReader maps the file and reshapes views of it; a short file fails there with a numpy message.
+        # GGUFReader maps the file and reshapes views of it for every field and tensor, so a short file
+        # (cut anywhere, down to the last tensor's last byte) fails here, with a bare numpy message.
+        return gguf.GGUFReader(gguf_path)
+    except (ValueError, IndexError, KeyError) as e:
         raise GGUFConversionError(f"{gguf_path}: truncated or corrupt GGUF file ({size} bytes): {e}") from e
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise GGUFConversionError(
-                f"{gguf_path}: truncated GGUF file: tensor {tensor.name!r} ends at byte "
-                f"{tensor.data_offset + tensor.n_bytes} but the file has {size} bytes"
-            )
-    return reader
 
 
 _MISSING = object()
@@ -253,6 +247,7 @@ def _llama_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
 def _gemma3_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
     common = _common_config(reader, gguf_path, "gemma3")
     num_layers = common["num_hidden_layers"]
+    global_theta = _metadata(reader, "gemma3.rope.freq_base", gguf_path)
     layer_types = [
         "full_attention" if (i + 1) % _GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
         for i in range(num_layers)
@@ -267,7 +262,7 @@ def _gemma3_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
         "sliding_window": _metadata(reader, "gemma3.attention.sliding_window", gguf_path),
         "layer_types": layer_types,
         "rope_parameters": {
-            "full_attention": {"rope_type": "default", "rope_theta": _metadata(reader, "gemma3.rope.freq_base", gguf_path)},
+            "full_attention": {"rope_type": "default", "rope_theta": global_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_THETA},
         },
         "attention_bias": False,
