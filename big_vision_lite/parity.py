@@ -17,7 +17,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, packaged_gguf_path
-from big_vision_lite.generate import greedy_concat_cache, make_apply
+from big_vision_lite.generate import greedy, make_apply
 from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
 
 # Relative-error tolerances. float32: op-order differences only (tiny models reach ~1e-6; 18-30 real layers
@@ -201,7 +201,7 @@ def run_parity(
     greedy_ref = _torch_greedy(reference, tokens, mask, greedy_tokens)
     seconds["greedy_reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    greedy_ours = greedy_concat_cache(module.clone(return_hidden=False), params, tokens, mask, greedy_tokens)
+    greedy_ours = greedy(module.clone(return_hidden=False), params, tokens, mask, greedy_tokens)
     seconds["greedy_ours"] = time.perf_counter() - t0
 
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

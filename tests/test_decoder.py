@@ -27,27 +27,45 @@ SMALL = DecoderConfig(vocab_size=64, width=32, depth=3, mlp_dim=48, num_heads=4,
 
 
 def _init(module, tokens, mask, seed=0):
-    return module.init(jax.random.key(seed), tokens, positions_from_mask(mask), prefill_mask(mask))["params"]
+    args = (tokens, positions_from_mask(mask), prefill_mask(mask))
+    return jax.jit(module.init)(jax.random.key(seed), *args)["params"]
+
+
+def _apply(module, params, *args):
+    # Jitted: un-jitted Flax applies dispatch op by op and make the suite several times slower.
+    return jax.jit(module.apply)({"params": params}, *args)
 
 
 @pytest.mark.parametrize("family", ["gemma_mha", "gemma2", "gemma3", "llama", "qwen3"])
-def test_concat_cache_steps_equal_one_pass(tiny_checkpoints, family):
-    """Prefill a prefix, then feed one token at a time through the concatenation cache: same logits."""
+def test_cache_steps_equal_one_pass(tiny_checkpoints, family):
+    """Prefill a prefix, then feed one token at a time through the concatenation cache and through the
+    fixed-capacity cache: both give the one-pass logits."""
     module, params, cfg = load_decoder(tiny_checkpoints[family])
-    tokens, mask = parity_batch(cfg.vocab_size, 20)
+    tokens, mask = parity_batch(cfg.vocab_size, 16)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     apply = make_apply(module)
     positions = positions_from_mask(mask)
     full, _, _ = apply(params, tokens, positions, prefill_mask(mask), None)
 
-    prefix = 12  # longer than the left padding of row 1, shorter than the sequence
-    _, cache, _ = apply(params, tokens[:, :prefix], positions[:, :prefix], prefill_mask(mask[:, :prefix]), None)
+    prefix = 11  # longer than the left padding of row 1 and the sliding windows (8), shorter than the sequence
+    _, concat, _ = apply(params, tokens[:, :prefix], positions[:, :prefix], prefill_mask(mask[:, :prefix]), None)
+    fixed = concat.with_capacity(tokens.shape[1])
+    fixed_valid = jnp.pad(mask[:, :prefix], [(0, 0), (0, tokens.shape[1] - prefix)])
     for t in range(prefix, tokens.shape[1]):
-        step_mask = causal_mask(positions[:, t : t + 1], jnp.concatenate([cache.positions, positions[:, t : t + 1]], 1),
-                                mask[:, : t + 1])
-        logits, cache, _ = apply(params, tokens[:, t : t + 1], positions[:, t : t + 1], step_mask, cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5, err_msg=f"step {t}")
-    assert cache.k.shape == (cfg.depth, 2, tokens.shape[1], cfg.num_kv_heads, cfg.head_dim)
+        token, position = tokens[:, t : t + 1], positions[:, t : t + 1]
+        step_mask = causal_mask(position, jnp.concatenate([concat.positions, position], 1), mask[:, : t + 1])
+        logits, concat, _ = apply(params, token, position, step_mask, concat)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5, err_msg=f"concat step {t}")
+
+        fixed_valid = fixed_valid.at[:, t].set(True)
+        key_positions = fixed.positions.at[:, t].set(position[:, 0])
+        logits, fixed, _ = apply(params, token, position, causal_mask(position, key_positions, fixed_valid), fixed)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5, err_msg=f"fixed step {t}")
+    assert concat.k.shape == fixed.k.shape == (cfg.depth, 2, tokens.shape[1], cfg.num_kv_heads, cfg.head_dim)
+    assert int(fixed.index) == tokens.shape[1]
+    with pytest.raises(ValueError, match="capacity 3 is smaller than the 11 cached tokens"):
+        module.apply({"params": params}, tokens[:, :prefix], positions[:, :prefix],
+                     prefill_mask(mask[:, :prefix]))[1].with_capacity(3)
 
 
 def test_scan_and_unrolled_layers_agree_and_convert():
@@ -56,8 +74,8 @@ def test_scan_and_unrolled_layers_agree_and_convert():
     params = _init(scanned, tokens, mask)
     unrolled = Decoder([SMALL], scan_layers=False)
     args = (tokens, positions_from_mask(mask), prefill_mask(mask))
-    a = scanned.apply({"params": params}, *args)[0]
-    b = unrolled.apply({"params": unstack_layers(params, SMALL.depth)}, *args)[0]
+    a = _apply(scanned, params, *args)[0]
+    b = _apply(unrolled, unstack_layers(params, SMALL.depth), *args)[0]
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
     restacked = stack_layers(unstack_layers(params, SMALL.depth), SMALL.depth)
     jax.tree.map(np.testing.assert_array_equal, restacked, params)
@@ -74,7 +92,8 @@ def test_remat_policy_keeps_values_and_gradients():
 
     for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
         remat = Decoder([SMALL], remat_policy=policy)
-        g0, g1 = jax.grad(lambda p: loss(plain, p))(params), jax.grad(lambda p, m=remat: loss(m, p))(params)
+        g0 = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+        g1 = jax.jit(jax.grad(lambda p, m=remat: loss(m, p)))(params)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), g0, g1)
     with pytest.raises(ValueError, match="remat_policy 'no_such_policy'"):
         Decoder([SMALL], remat_policy="no_such_policy").apply({"params": params}, *args)
@@ -84,7 +103,7 @@ def test_attention_probabilities_on_request():
     tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
     args = (tokens, positions_from_mask(mask), prefill_mask(mask))
     params = _init(Decoder([SMALL]), tokens, mask)
-    _, _, out = Decoder([SMALL], return_probs=True).apply({"params": params}, *args)
+    _, _, out = _apply(Decoder([SMALL], return_probs=True), params, *args)
     probs = out["attn_probs"]  # [L, B, N, T, S]
     assert probs.shape == (SMALL.depth, 2, SMALL.num_heads, 10, 10)
     valid_rows = np.asarray(mask)[None, :, None, :, None]
@@ -93,7 +112,7 @@ def test_attention_probabilities_on_request():
     assert float(probs[:, 1, :, 2:, :2].max()) == 0.0  # row 1 is left-padded by 10 // 4 = 2 tokens
     assert float(jnp.triu(probs[:, 0], k=1).max()) == 0.0
     assert float(probs[0, 0, :, 9, :6].max()) == 0.0 and float(probs[2, 0, :, 9, :6].min()) > 0.0
-    _, _, out = Decoder([SMALL]).apply({"params": params}, *args)
+    _, _, out = _apply(Decoder([SMALL]), params, *args)
     assert "attn_probs" not in out
 
 
@@ -101,25 +120,26 @@ def test_bfloat16_compute_keeps_norms_and_softmax_in_float32():
     tokens, mask = (jnp.asarray(a) for a in parity_batch(SMALL.vocab_size, 10))
     args = (tokens, positions_from_mask(mask), prefill_mask(mask))
     params = _init(Decoder([SMALL]), tokens, mask)
-    ref = Decoder([SMALL]).apply({"params": params}, *args)[0]
+    ref = _apply(Decoder([SMALL]), params, *args)[0]
     bf16 = Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.float32, return_probs=True)
-    logits, cache, out = bf16.apply({"params": params}, *args)
+    logits, cache, out = _apply(bf16, params, *args)
     assert logits.dtype == jnp.float32 and out["attn_probs"].dtype == jnp.float32
     assert cache.k.dtype == jnp.bfloat16 and out["final"].dtype == jnp.bfloat16
     rel = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
     assert 0 < rel < 3e-2, rel
     bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    assert jax.tree.leaves(Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).init(
-        jax.random.key(0), *args)["params"])[0].dtype == jnp.bfloat16
-    Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply({"params": bf16_params}, *args)
+    pure_bf16 = Decoder([SMALL], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(_init(pure_bf16, tokens, mask))} == {jnp.dtype(jnp.bfloat16)}
+    logits16 = _apply(pure_bf16, bf16_params, *args)[0]
+    assert 0 < float(jnp.linalg.norm(logits16 - ref) / jnp.linalg.norm(ref)) < 5e-2
 
 
 def _attention(configs, xs, positions, mask, params=None, seed=0):
     module = Attention(configs)
     inv_freq = jnp.asarray(rope_inv_freq(configs[0].head_dim, 10_000.0))
     if params is None:
-        params = module.init(jax.random.key(seed), xs, positions, mask, inv_freq)["params"]
-    outs, kv, _ = module.apply({"params": params}, xs, positions, mask, inv_freq)
+        params = jax.jit(module.init)(jax.random.key(seed), xs, positions, mask, inv_freq)["params"]
+    outs, kv, _ = jax.jit(module.apply)({"params": params}, xs, positions, mask, inv_freq)
     return outs, kv, params
 
 
@@ -167,8 +187,7 @@ def test_fresh_lora_adapter_is_an_exact_no_op(rslora):
     # Give the adapted model the base weights; its fresh adapters (B = 0) must change nothing.
     merged = jax.tree_util.tree_map_with_path(
         lambda path, a: a if "lora" in jax.tree_util.keystr(path) else _get(params, path), lora_params)
-    np.testing.assert_array_equal(Decoder([lora_cfg]).apply({"params": merged}, *args)[0],
-                                  base.apply({"params": params}, *args)[0])
+    np.testing.assert_array_equal(_apply(Decoder([lora_cfg]), merged, *args)[0], _apply(base, params, *args)[0])
     # A trained adapter (B != 0) does change the output, by exactly scale * B(A(x)).
     x = jax.random.normal(jax.random.key(0), (2, 3, 5))
     layer = Einsum((4, 5, 6), "BTD,NDH->BTNH", lora=LoRAConfig(2, alpha=4.0, rslora=rslora))

@@ -28,7 +28,7 @@ def test_parity_detects_a_wrong_sliding_window(tiny_checkpoints, monkeypatch):
     def widened(*args, **kwargs):
         module, params, cfg = real_load(*args, **kwargs)
         cfg = dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
-        return module.clone(configs=[cfg]), params, cfg
+        return module.clone(configs=(cfg,)), params, cfg
 
     monkeypatch.setattr(parity, "load_decoder", widened)
     report = parity.run_parity(str(tiny_checkpoints["gemma2"]), greedy_tokens=2)

@@ -37,5 +37,5 @@ def load_decoder(
     if not scan_layers:
         params = unstack_layers(params, cfg.depth)
     params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
-    module = Decoder([cfg], dtype=compute, param_dtype=param_dtype, scan_layers=scan_layers, **module_kwargs)
+    module = Decoder((cfg,), dtype=compute, param_dtype=param_dtype, scan_layers=scan_layers, **module_kwargs)
     return module, params, cfg

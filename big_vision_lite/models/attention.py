@@ -64,6 +64,9 @@ class Attention(nn.Module):
     [B, T] and attn_mask [B, T, S] for the concatenated tokens, inv_freq [H/2] of this layer's RoPE, and an
     optional concatenation cache `(k, v)`. Returns the per-expert outputs (None where the input was None), the
     grown `(k, v)`, and the probabilities [B, N, T, S] when `return_probs` (else None).
+
+    With `cache_index` the cache is fixed-capacity instead: the new keys and values are written at slots
+    `cache_index ... cache_index + T - 1` of the preallocated `(k, v)` [B, S, K, H] and S never changes.
     """
 
     configs: Sequence[Any]
@@ -79,6 +82,7 @@ class Attention(nn.Module):
         attn_mask: jax.Array,
         inv_freq: jax.Array,
         kv_cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
     ) -> tuple[list[jax.Array | None], KVCache, jax.Array | None]:
         first = self.configs[0]
         # Tokens of all experts share one softmax, so their heads must line up exactly.
@@ -114,10 +118,14 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
         q = q * jnp.asarray(first.query_scale, q.dtype)
 
-        if kv_cache is not None:
+        if kv_cache is not None and cache_index is None:
             cache_k, cache_v = kv_cache
             k = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)  # [B, S, K, H]
             v = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+        elif kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))  # [B, S, K, H]
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
 
         q = einops.rearrange(q, "B T (K G) H -> B T K G H", K=num_kv_heads)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)

@@ -94,11 +94,28 @@ class DecoderConfig:
 
 
 class KVCache(NamedTuple):
-    """The concatenation cache of a whole decoder: k, v [L, B, S, K, H] and the keys' positions [B, S]."""
+    """A whole decoder's cache: k, v [L, B, S, K, H] and the keys' positions [B, S].
+
+    `index` None: a concatenation cache, grown by every call. `index` an int32 scalar: a fixed-capacity cache
+    whose slots from `index` on are free; a call writes its T tokens there and advances `index` by T. Which
+    slots hold real keys is the caller's key mask (`attn_mask`), so free slots are never attended.
+    """
 
     k: jax.Array
     v: jax.Array
     positions: jax.Array
+    index: jax.Array | None = None
+
+    def with_capacity(self, capacity: int) -> "KVCache":
+        """This concatenation cache as a fixed-capacity one of `capacity` slots (the rest free)."""
+        if self.index is not None:
+            raise ValueError("the cache already has a fixed capacity")
+        length = self.k.shape[2]
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is smaller than the {length} cached tokens")
+        pad = [(0, 0), (0, 0), (0, capacity - length), (0, 0), (0, 0)]
+        return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad),
+                       jnp.pad(self.positions, [(0, 0), (0, capacity - length)]), jnp.asarray(length, jnp.int32))
 
 
 class Embedder(nn.Module):
@@ -165,7 +182,7 @@ class Block(nn.Module):
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, xs, layer: dict[str, jax.Array], positions, full_mask, sliding_mask):
+    def __call__(self, xs, layer: dict[str, jax.Array], positions, full_mask, sliding_mask, cache_index):
         norm = lambda name, cfg: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, self.param_dtype, name=name)  # noqa: E731
         normed = [
             None if x is None else norm(_name("pre_attention_norm", i), cfg)(x)
@@ -174,7 +191,7 @@ class Block(nn.Module):
         mask = full_mask if sliding_mask is None else jnp.where(layer["sliding"], sliding_mask, full_mask)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
         attn = Attention(self.configs, self.dtype, self.param_dtype, self.return_probs, name="attn")
-        attn_outs, (k, v), probs = attn(normed, positions, mask, layer["inv_freq"], cache)
+        attn_outs, (k, v), probs = attn(normed, positions, mask, layer["inv_freq"], cache, cache_index)
 
         new_xs = []
         for i, (x, y, cfg) in enumerate(zip(xs, attn_outs, self.configs, strict=True)):
@@ -235,7 +252,7 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=first.depth,
             )
             self.layers = scanned(**kw, name="layers")
@@ -261,7 +278,13 @@ class Decoder(nn.Module):
     ) -> tuple[list[jax.Array | None], KVCache, dict[str, Any]]:
         """Runs the blocks and final norms on per-expert embeddings; positions/mask cover their concatenation."""
         first = self.configs[0]
-        key_positions = positions if cache is None else jnp.concatenate([cache.positions, positions], axis=1)
+        index = None if cache is None else cache.index
+        if cache is None:
+            key_positions = positions
+        elif index is None:
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+        else:
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
         sliding_mask = None
         if first.is_sliding.any():
             sliding_mask = attn_mask & window_mask(positions, key_positions, first.sliding_window)
@@ -270,11 +293,12 @@ class Decoder(nn.Module):
             per_layer |= {"k": cache.k, "v": cache.v}
 
         if self.scan_layers:
-            xs, ys = self.layers(list(xs), per_layer, positions, attn_mask, sliding_mask)
+            xs, ys = self.layers(list(xs), per_layer, positions, attn_mask, sliding_mask, index)
         else:
             outs = []
             for i, block in enumerate(self.layers):
-                xs, y = block(list(xs), jax.tree.map(lambda a, i=i: a[i], per_layer), positions, attn_mask, sliding_mask)
+                layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
+                xs, y = block(list(xs), layer, positions, attn_mask, sliding_mask, index)
                 outs.append(y)
             ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
@@ -284,7 +308,8 @@ class Decoder(nn.Module):
             out["hidden"] = ys["hidden"]
         if self.return_probs:
             out["attn_probs"] = ys["probs"]
-        return xs, KVCache(ys["k"], ys["v"], key_positions), out
+        new_index = None if index is None else index + positions.shape[1]
+        return xs, KVCache(ys["k"], ys["v"], key_positions, new_index), out
 
     def __call__(
         self,

@@ -1,0 +1,18 @@
+"""Notebooks run top to bottom, as a Colab user would run them."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.real
+def test_parity_notebook_runs_and_plots(tmp_path):
+    nb = nbformat.read(NOTEBOOKS / "parity.ipynb", as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "parity_gemma3_270m.png").stat().st_size > 10_000
+    table = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "layer_17" in table and "ok: True" in table
