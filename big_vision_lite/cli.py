@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # input errors: one line, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as e:  # input errors: one line, no traceback
         print(f"bvl: error: {e}", file=sys.stderr)
         return 2
 

@@ -123,7 +123,8 @@ def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.nd
 
     hooks = [body.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
     for i, layer in enumerate(body.layers):
-        hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: captured.__setitem__(f"layer_{i}", first(out))))
+        record = lambda _m, _a, out, i=i: captured.__setitem__(f"layer_{i}", first(out))  # noqa: E731
+        hooks.append(layer.register_forward_hook(record))
     hooks.append(body.norm.register_forward_hook(lambda _m, _a, out: captured.__setitem__("final_norm", out)))
     try:
         with torch.no_grad():

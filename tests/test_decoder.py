@@ -160,9 +160,9 @@ def test_experts_of_different_widths_mask_across_experts():
     xa = jax.random.normal(jax.random.key(1), (2, 5, 16))
     xb = jax.random.normal(jax.random.key(2), (2, 3, 48))
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    # Prefix-LM: expert 0's 5 tokens never see expert 1's; expert 1 sees everything before it.
+    # Causal over the concatenation: expert 0's 5 tokens never see expert 1's; expert 1 sees all before it.
     mask = causal_mask(positions, positions, jnp.ones((2, 8), bool))
-    (a, b), (k, v), params = _attention([small, wide], [xa, xb], positions, mask)
+    (a, b), (k, _), params = _attention([small, wide], [xa, xb], positions, mask)
     assert a.shape == (2, 5, 16) and b.shape == (2, 3, 48) and k.shape == (2, 8, SMALL.num_kv_heads, SMALL.head_dim)
     assert params["q_einsum"]["w"].shape == (4, 16, 8) and params["q_einsum_1"]["w"].shape == (4, 48, 8)
     (a2, b2), _, _ = _attention([small, wide], [xa, xb * 3.0], positions, mask, params)

@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from big_vision_lite.checkpoints.hf import CheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
+
 from conftest import TINY_FAMILIES
 
 
@@ -126,7 +127,7 @@ def test_truncated_file_is_named(tiny_checkpoints, tmp_path):
 
 
 def test_missing_files_and_unexpected_tensors(tiny_checkpoints, tmp_path):
-    with pytest.raises(CheckpointError, match="config.json: not found"):
+    with pytest.raises(CheckpointError, match=r"config\.json: not found"):
         load_hf(tmp_path)
     folder = _copy(tiny_checkpoints, tmp_path)
     state = load_file(folder / "model.safetensors")

@@ -7,6 +7,7 @@ import pytest
 
 import big_vision_lite.parity as parity
 from big_vision_lite.cli import main
+
 from conftest import TINY_FAMILIES
 
 

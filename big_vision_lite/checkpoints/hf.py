@@ -76,7 +76,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DecoderCo
     """Our `DecoderConfig` from a transformers config dict (either 4.x or 5.x style)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not supported")
@@ -84,7 +86,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DecoderCo
         width, depth, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
         act_name = hf.get("hidden_activation") or hf.get("hidden_act")
         if act_name not in _ACTIVATIONS:
-            raise CheckpointError(f"{source}: activation {act_name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+            raise CheckpointError(
+                f"{source}: activation {act_name!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
+            )
         is_gemma = model_type.startswith("gemma")
         layer_types = _layer_types(hf, model_type, depth)
         theta, scale = _rope(hf, "full_attention")
@@ -123,7 +127,9 @@ def config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     """A transformers 5.x config dict for `cfg` (what `save_hf` writes when no original config is given)."""
     model_type = cfg.family
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"DecoderConfig.family {model_type!r} has no HF model_type; supported: {SUPPORTED_MODEL_TYPES}")
+        raise ValueError(
+            f"DecoderConfig.family {model_type!r} has no HF model_type; supported: {SUPPORTED_MODEL_TYPES}"
+        )
     arch = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3", "llama": "Llama", "qwen3": "Qwen3"}
     hf: dict[str, Any] = {
         "architectures": [f"{arch[model_type]}ForCausalLM"],

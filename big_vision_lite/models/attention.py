@@ -147,7 +147,8 @@ class Attention(nn.Module):
                 outs.append(None)
                 continue
             span = encoded[:, start : start + x.shape[1]]
-            outs.append(einsum((num_heads, head_dim, cfg.width), "BTNH,NHD->BTD", _name("attn_vec_einsum", i), cfg)(span))
+            out_proj = einsum((num_heads, head_dim, cfg.width), "BTNH,NHD->BTD", _name("attn_vec_einsum", i), cfg)
+            outs.append(out_proj(span))
             start += x.shape[1]
 
         out_probs = einops.rearrange(probs, "B K G T S -> B (K G) T S") if self.return_probs else None
