@@ -10,10 +10,7 @@ rest of the project only ever loads plain HF folders. Supported GGUF architectur
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,8 @@ from typing import Any
 import gguf
 import numpy as np
 from safetensors.numpy import save_file
+
+from big_vision_lite.checkpoints.atomic import atomic_folder
 
 # Bump whenever the output of the conversion changes, so that caches written by older code are rebuilt.
 CONVERTER_VERSION = 1
@@ -95,17 +94,12 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     config = config_builder(reader, gguf_path)
     tensors = _convert_tensors(reader, gguf_path, layer_names, lambda name, w: transform(name, w, config))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp_dir:
         # "format": "pt" is what transformers' safetensors loader expects in the header.
         save_file(tensors, tmp_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         marker = {"converter_version": CONVERTER_VERSION, **_source_identity(gguf_path)}
         (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _replace_dir(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 
@@ -121,18 +115,6 @@ def is_conversion_current(out_dir: str | Path, gguf_path: str | Path) -> bool:
 
 def _source_identity(gguf_path: Path) -> dict[str, Any]:
     return {"source_name": gguf_path.name, "source_size": gguf_path.stat().st_size}
-
-
-def _replace_dir(new_dir: Path, out_dir: Path) -> None:
-    # A directory cannot be renamed over a non-empty one, so the old folder is moved aside first; there is a
-    # moment with no folder at all, but never one with partial contents.
-    old_dir = None
-    if out_dir.exists():
-        old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old_dir / out_dir.name)
-    os.replace(new_dir, out_dir)
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
 
 
 def _open_reader(gguf_path: Path) -> gguf.GGUFReader:

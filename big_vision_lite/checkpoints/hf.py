@@ -10,9 +10,6 @@ gate_proj/up_proj [F, D], down_proj [D, F], embed_tokens/lm_head [V, D], norms [
 """
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from big_vision_lite.checkpoints.atomic import atomic_folder
 from big_vision_lite.models.gemma import DecoderConfig, stack_layers
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "llama", "qwen3")
@@ -333,16 +331,7 @@ def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
 
 def save_hf(folder: str | Path, cfg: DecoderConfig, params: dict[str, Any], hf_config: dict | None = None) -> Path:
     """Writes config.json and model.safetensors; the folder appears only once complete."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config or config_to_hf(cfg), indent=2))
         save_file(params_to_hf(params, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
