@@ -54,6 +54,15 @@ class ParityReport:
         return self.greedy_ours == self.greedy_ref
 
     @property
+    def greedy_agree(self) -> list[int]:
+        """Per row, how many leading greedy ids agree (all of them when they match)."""
+        agree = []
+        for ours, ref in zip(self.greedy_ours, self.greedy_ref, strict=True):
+            same = [a == b for a, b in zip(ours, ref, strict=True)] + [False]
+            agree.append(same.index(False))
+        return agree
+
+    @property
     def ok(self) -> bool:
         # bfloat16 implementations round in different places, so near-tied greedy choices may differ.
         within = self.max_rel_err <= self.tolerance
@@ -67,6 +76,7 @@ class ParityReport:
             "tolerance": self.tolerance,
             "max_rel_err": self.max_rel_err,
             "greedy_match": self.greedy_match,
+            "greedy_agree": self.greedy_agree,
             "ok": self.ok,
             "layers": [dataclasses.asdict(e) for e in self.layers],
             "greedy_ours": self.greedy_ours,
@@ -79,7 +89,8 @@ class ParityReport:
                  f"{'stage':<14} {'max_abs_err':>12} {'rel_err':>12}"]
         lines += [f"{e.name:<14} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in self.layers]
         lines.append(f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); "
-                     f"greedy {len(self.greedy_ours[0])} tokens match: {self.greedy_match}; ok: {self.ok}")
+                     f"greedy {len(self.greedy_ours[0])} tokens match: {self.greedy_match} "
+                     f"(leading ids that agree per row: {self.greedy_agree}); ok: {self.ok}")
         return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ def test_cli_bfloat16_parity(tiny_checkpoints, tmp_path):
     assert main(["parity", str(tiny_checkpoints["gemma3"]), "--dtype", "bfloat16", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and 0 < report["max_rel_err"] <= report["tolerance"] == 3e-2
+    assert len(report["greedy_agree"]) == 2 and all(0 <= n <= 16 for n in report["greedy_agree"])
 
 
 def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, capsys):
@@ -65,3 +66,16 @@ def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, c
     assert main(["parity", str(bad)]) == 2
     assert "model_type 'mamba' is not supported" in capsys.readouterr().err
     assert main(["parity", str(tiny_checkpoints["llama"]), "--seq-len", "0"]) == 2
+
+
+def test_report_ok_and_greedy_agreement_rules():
+    layers = [parity.LayerError("logits", 1.0, 2e-6)]
+    report = parity.ParityReport("m", "llama", "float32", 1e-5, layers, [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]], {})
+    assert report.greedy_agree == [3, 1] and not report.greedy_match and not report.ok
+    report.greedy_ref = [[1, 2, 3], [4, 5, 6]]
+    assert report.ok
+    report.layers = [parity.LayerError("logits", 1.0, 2e-5)]
+    assert not report.ok
+    # bfloat16: near-tied greedy choices may differ, the error bound alone decides.
+    bf16 = dataclasses.replace(report, dtype="bfloat16", tolerance=3e-2, greedy_ref=[[1, 2, 3], [7, 7, 7]])
+    assert bf16.ok and bf16.greedy_agree == [3, 0]
