@@ -70,7 +70,8 @@ def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, c
 
 def test_report_ok_and_greedy_agreement_rules():
     layers = [parity.LayerError("logits", 1.0, 2e-6)]
-    report = parity.ParityReport("m", "llama", "float32", 1e-5, layers, [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]], {})
+    ours, ref = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]
+    report = parity.ParityReport("m", "llama", "float32", 1e-5, layers, ours, ref, {})
     assert report.greedy_agree == [3, 1] and not report.greedy_match and not report.ok
     report.greedy_ref = [[1, 2, 3], [4, 5, 6]]
     assert report.ok
