@@ -158,7 +158,11 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, w_init=nn.initializers.lecun_normal(), lora=cfg.lora)
-        gate, up = lora_einsum(self, "gating_einsum", (2, cfg.width, cfg.mlp_dim), "BTD,cDF->cBTF", x, **kw)
+        # x is broadcast over the gate/up axis c so that c is a batch axis of the dot: XLA then reads each [D, F]
+        # half of the weight in place. ("BTD,cDF->cBTF" made it compute [2F, BT] and transpose the result and the
+        # weight on every call.) The LoRA adapters keep their shapes: A [2, D, L], B [2, L, F].
+        xs = jnp.broadcast_to(x, (2, *x.shape))
+        gate, up = lora_einsum(self, "gating_einsum", (2, cfg.width, cfg.mlp_dim), "cBTD,cDF->cBTF", xs, **kw)
         hidden = ACTIVATIONS[cfg.activation](gate) * up  # [B, T, F]
         return lora_einsum(self, "linear", (cfg.mlp_dim, cfg.width), "BTF,FD->BTD", hidden, **kw)
 

@@ -49,6 +49,20 @@ def lora_equations(equation: str) -> tuple[str, str]:
     return a_eq, b_eq
 
 
+def _merged_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`einsum(equation, x, w)`; when x's trailing axes and w's leading axes are the contracted ones, in the same
+    order (the output projection "BTNH,NHD->BTD"), both are reshaped so one plain [.., N*H] @ [N*H, D] does it:
+    XLA otherwise transposes the weight on every call."""
+    lhs, out = equation.replace(" ", "").split("->")
+    x_axes, w_axes = lhs.split(",")
+    contracted = "".join(a for a in x_axes if a in w_axes and a not in out)
+    n = len(contracted)
+    if n < 2 or x_axes[-n:] != contracted or w_axes[:n] != contracted or out != x_axes[:-n] + w_axes[n:]:
+        return jnp.einsum(equation, x, w)
+    k = math.prod(w.shape[:n])
+    return x.reshape(*x.shape[:-n], k) @ w.reshape(k, *w.shape[n:])
+
+
 def lora_einsum(
     module: nn.Module,
     name: str,
@@ -68,7 +82,7 @@ def lora_einsum(
     """
     w = module.param(name, w_init, tuple(shape), param_dtype)
     x = x.astype(dtype)
-    y = jnp.einsum(equation, x, w.astype(dtype))
+    y = _merged_einsum(equation, x, w.astype(dtype))
     if lora is None:
         return y
     a_eq, b_eq = lora_equations(equation)
