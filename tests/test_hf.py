@@ -146,3 +146,17 @@ def test_save_leaves_no_partial_folder_on_failure(tiny_checkpoints, tmp_path):
     with pytest.raises(KeyError):
         save_hf(tmp_path / "out", cfg, broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tiny_checkpoints, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gemma2"], dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    cfg, params = load_hf(tmp_path / "sharded")
+    cfg_ref, params_ref = load_hf(tiny_checkpoints["gemma2"])
+    assert cfg == cfg_ref
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(_leaves(params), _leaves(params_ref), strict=True))
