@@ -1,15 +1,17 @@
-"""Greedy decoding: a prefill through the concatenation cache, then steps through a fixed-capacity cache.
+"""Generation: a prefill through the concatenation cache, then one jitted `while_loop` over a fixed-capacity cache.
 
-Axis letters: B batch, T prompt tokens, S cache slots, V vocab.
+Axis letters: B batch, T prompt tokens, S cache slots, N new tokens, V vocab.
 
 Prompts are left-padded; `input_mask` [B, T] marks real tokens. Masks are always derived from the stored key
-positions and validity, never from a "causal" shortcut. After the prefill the cache is given room for the new
-tokens, so every decode step has the same shapes and compiles once.
+positions and validity, never from a "causal" shortcut. After the prefill the cache gets room for the new tokens,
+so the decode loop has fixed shapes: it compiles once, runs without a Python step per token, and stops when every
+row has produced an end token or `max_new_tokens` ids.
 """
 
+import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,6 +20,9 @@ import numpy as np
 
 from big_vision_lite.models.attention import causal_mask
 from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
+from big_vision_lite.samplers import SamplerConfig, sample
+
+GREEDY = SamplerConfig()
 
 
 def make_apply(module: nn.Module) -> Callable[..., tuple[jax.Array, KVCache, dict[str, Any]]]:
@@ -26,38 +31,96 @@ def make_apply(module: nn.Module) -> Callable[..., tuple[jax.Array, KVCache, dic
                                                                               mask, cache))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
-def _greedy_step(module: nn.Module, params: Any, token: jax.Array, cache: KVCache, key_valid: jax.Array,
-                 position: jax.Array) -> tuple[jax.Array, KVCache, jax.Array]:
-    """Feeds token [B] at `position` [B, 1] into the fixed cache; returns the next greedy token and the state."""
-    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones_like(key_valid[:, :1]), (0, cache.index))
-    key_positions = jax.lax.dynamic_update_slice(cache.positions, position, (0, cache.index))
-    mask = causal_mask(position, key_positions, key_valid)  # [B, 1, S]
-    logits, cache, _ = module.apply({"params": params}, token[:, None], position, mask, cache)
-    return jnp.argmax(logits[:, -1], axis=-1), cache, key_valid
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """`tokens` [B, N] (after a row's end token: `pad_id`), and per row how many ids it produced (end included)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
 
 
-def greedy(
-    module: nn.Module, params: Any, tokens: np.ndarray, input_mask: np.ndarray, max_new_tokens: int
-) -> np.ndarray:
-    """Greedy ids [B, max_new_tokens] after left-padded prompts `tokens` [B, T] (no early stop at EOS)."""
+class _LoopState(NamedTuple):
+    step: jax.Array  # ids written so far
+    token: jax.Array  # [B] the id to write at `step`
+    cache: KVCache
+    key_valid: jax.Array  # [B, S]
+    position: jax.Array  # [B, 1] the position of `token`
+    out: jax.Array  # [B, N]
+    done: jax.Array  # [B] the row has written an end token
+    rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(3,))
+def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCache, key_valid: jax.Array,
+                 position: jax.Array, max_new_tokens: int, sampler: SamplerConfig, end_ids: tuple[int, ...],
+                 pad_id: int, rng: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Writes `first` [B], then feeds each written id back until every row is done; returns (out, done, cache).
+
+    The cache comes back so its donated input buffers can be reused for it (updated in place, not copied).
+    """
+    ends = jnp.asarray(end_ids, jnp.int32)
+
+    def cond(s: _LoopState) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _LoopState) -> _LoopState:
+        out = s.out.at[:, s.step].set(jnp.where(s.done, pad_id, s.token))
+        done = s.done | jnp.isin(s.token, ends)
+        key_valid = jax.lax.dynamic_update_slice(s.key_valid, jnp.ones_like(s.key_valid[:, :1]), (0, s.cache.index))
+        key_positions = jax.lax.dynamic_update_slice(s.cache.positions, s.position, (0, s.cache.index))
+        mask = causal_mask(s.position, key_positions, key_valid)  # [B, 1, S]
+        logits, cache, _ = module.apply({"params": params}, s.token[:, None], s.position, mask, s.cache)
+        token = sample(logits[:, -1], jax.random.fold_in(s.rng, s.step), sampler)
+        return _LoopState(s.step + 1, token, cache, key_valid, s.position + 1, out, done, s.rng)
+
+    batch = first.shape[0]
+    state = _LoopState(jnp.asarray(0, jnp.int32), first, cache, key_valid, position + 1,
+                       jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng)
+    final = jax.lax.while_loop(cond, body, state)
+    return final.out, final.done, final.cache
+
+
+def generate(
+    module: nn.Module,
+    params: Any,
+    tokens: np.ndarray,
+    input_mask: np.ndarray,
+    max_new_tokens: int,
+    *,
+    sampler: SamplerConfig = GREEDY,
+    rng: jax.Array | None = None,
+    end_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> Generated:
+    """Continues left-padded prompts `tokens` [B, T]; greedy by default. Each row stops at one of `end_ids`."""
+    tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
     if tokens.ndim != 2 or tokens.shape != input_mask.shape:
         raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must both be [B, T]")
-    if not np.asarray(input_mask)[:, -1].all():
+    if empty := [i for i, row in enumerate(input_mask) if not row.any()]:
+        raise ValueError(f"prompt rows {empty} are empty: every prompt needs at least one token")
+    if not input_mask[:, -1].all():
         raise ValueError("prompts must be left-padded: the last column of input_mask must be all ones")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    input_mask = jnp.asarray(input_mask, bool)
-    positions = positions_from_mask(input_mask)
-    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(input_mask), None)
-    capacity = tokens.shape[1] + max_new_tokens - 1
-    cache = cache.with_capacity(capacity)
-    key_valid = jnp.pad(input_mask, [(0, 0), (0, capacity - tokens.shape[1])])
-    token = jnp.argmax(logits[:, -1], axis=-1)  # [B]
-    position = positions[:, -1:]
-    generated = [token]
-    for _ in range(max_new_tokens - 1):
-        position = position + 1
-        token, cache, key_valid = _greedy_step(module, params, token, cache, key_valid, position)
-        generated.append(token)
-    return np.asarray(jnp.stack(generated, axis=1))
+    if not sampler.greedy and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng)")
+    mask = jnp.asarray(input_mask)
+    positions = positions_from_mask(mask)
+    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None)
+    first_rng, loop_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
+    first = sample(logits[:, -1], first_rng, sampler)
+    # One spare slot: the loop also feeds the last written id, whose logits it never uses.
+    capacity = tokens.shape[1] + max_new_tokens
+    key_valid = jnp.pad(mask, [(0, 0), (0, max_new_tokens)])
+    out, _, _ = _decode_loop(module, params, first, cache.with_capacity(capacity), key_valid, positions[:, -1:],
+                          max_new_tokens, sampler, tuple(int(e) for e in end_ids), pad_id, loop_rng)
+    out = np.asarray(out)
+    is_end = np.isin(out, list(end_ids))
+    lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, max_new_tokens)
+    return Generated(out, lengths)
+
+
+def greedy(module: nn.Module, params: Any, tokens: np.ndarray, input_mask: np.ndarray,
+           max_new_tokens: int) -> np.ndarray:
+    """Greedy ids [B, max_new_tokens] with no early stop (what parity compares with transformers)."""
+    return generate(module, params, tokens, input_mask, max_new_tokens).tokens
