@@ -91,17 +91,29 @@ def generate(
     rng: jax.Array | None = None,
     end_ids: Sequence[int] = (),
     pad_id: int = 0,
+    cache_length: int | None = None,
 ) -> Generated:
-    """Continues left-padded prompts `tokens` [B, T]; greedy by default. Each row stops at one of `end_ids`."""
+    """Continues left-padded prompts `tokens` [B, T]; greedy by default. Each row stops at one of `end_ids`.
+
+    `cache_length` is the number of cache slots (default T + max_new_tokens, the fewest that fit).
+    """
     tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
     if tokens.ndim != 2 or tokens.shape != input_mask.shape:
         raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must both be [B, T]")
+    prompt_len = tokens.shape[1]
+    capacity = prompt_len + max_new_tokens if cache_length is None else cache_length
+    if prompt_len > capacity:
+        raise ValueError(f"the prompt batch is {prompt_len} tokens long (padding included), longer than the "
+                         f"cache of {capacity} slots (cache_length)")
     if empty := [i for i, row in enumerate(input_mask) if not row.any()]:
         raise ValueError(f"prompt rows {empty} are empty: every prompt needs at least one token")
     if not input_mask[:, -1].all():
         raise ValueError("prompts must be left-padded: the last column of input_mask must be all ones")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > capacity:
+        raise ValueError(f"a cache of {capacity} slots (cache_length) is too small for {prompt_len} prompt tokens "
+                         f"+ max_new_tokens {max_new_tokens}: it needs at least {prompt_len + max_new_tokens}")
     if not sampler.greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng)")
     mask = jnp.asarray(input_mask)
@@ -109,15 +121,29 @@ def generate(
     logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None)
     first_rng, loop_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
     first = sample(logits[:, -1], first_rng, sampler)
-    # One spare slot: the loop also feeds the last written id, whose logits it never uses.
-    capacity = tokens.shape[1] + max_new_tokens
-    key_valid = jnp.pad(mask, [(0, 0), (0, max_new_tokens)])
+    # The loop also feeds the last written id (whose logits it never uses), so T + N slots are written.
+    key_valid = jnp.pad(mask, [(0, 0), (0, capacity - prompt_len)])
     out, _, _ = _decode_loop(module, params, first, cache.with_capacity(capacity), key_valid, positions[:, -1:],
                           max_new_tokens, sampler, tuple(int(e) for e in end_ids), pad_id, loop_rng)
     out = np.asarray(out)
     is_end = np.isin(out, list(end_ids))
     lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, max_new_tokens)
     return Generated(out, lengths)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists of different lengths -> left-padded tokens [B, T] int32 and input_mask [B, T] bool."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    if empty := [i for i, p in enumerate(prompts) if len(p) == 0]:
+        raise ValueError(f"prompts {empty} are empty: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids):] = ids
+        mask[row, width - len(ids):] = True
+    return tokens, mask
 
 
 def greedy(module: nn.Module, params: Any, tokens: np.ndarray, input_mask: np.ndarray,

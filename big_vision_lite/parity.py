@@ -2,8 +2,9 @@
 
 Both sides get the same weights and the same batch: B >= 2 rows, the second left-padded, longer than any
 sliding window. Compared on real (non-pad) tokens: the embeddings, every layer's output, the final norm and the
-logits, each as max |ours - ref| and ||ours - ref|| / ||ref||. Then both sides greedy-decode and the ids are
-compared. `ok` means every relative error is within tolerance and (float32) the greedy ids match.
+logits, each as max |ours - ref| and ||ours - ref|| / ||ref||. Then both sides greedy-decode a batch of 4
+left-padded prompts of different lengths (ours: `generate`'s jitted loop; theirs: transformers' `generate`) and
+the ids are compared. `ok` means every relative error is within tolerance and (float32) the greedy ids match.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, packaged_gguf_path
-from big_vision_lite.generate import greedy, make_apply
+from big_vision_lite.generate import greedy, left_pad, make_apply
 from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
 
 # Relative-error tolerances. float32: op-order differences only (tiny models reach ~1e-6; 18-30 real layers
@@ -119,6 +120,13 @@ def parity_batch(vocab_size: int, seq_len: int, batch: int = 2, seed: int = 0) -
     return tokens, mask
 
 
+def greedy_batch(vocab_size: int, longest: int, batch: int = 4, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic left-padded prompts [B, T] of different lengths: `longest`, then ~3/4, 1/2, 1/4 of it."""
+    rng = np.random.default_rng(seed)
+    lengths = [max(1, longest * (batch - row) // batch) for row in range(batch)]
+    return left_pad([rng.integers(1, vocab_size, size=n).tolist() for n in lengths])
+
+
 def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
     """Runs `model` once and records the input of layer 0, each layer's output, the final norm and the logits."""
     import torch
@@ -176,7 +184,8 @@ def run_parity(
     *,
     seq_len: int | None = None,
     batch: int = 2,
-    greedy_tokens: int = 16,
+    greedy_tokens: int = 32,
+    greedy_rows: int = 4,
     tolerance: float | None = None,
 ) -> ParityReport:
     """Loads both sides, compares every stage and greedy ids; see the module docstring."""
@@ -209,11 +218,12 @@ def run_parity(
     layers = [_errors(n, ours[n], ref[n], mask) for n in names]
     del ref, ours, logits, out
 
+    prompts, prompt_mask = greedy_batch(cfg.vocab_size, seq_len, greedy_rows)
     t0 = time.perf_counter()
-    greedy_ref = _torch_greedy(reference, tokens, mask, greedy_tokens)
+    greedy_ref = _torch_greedy(reference, prompts, prompt_mask, greedy_tokens)
     seconds["greedy_reference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    greedy_ours = greedy(module.clone(return_hidden=False), params, tokens, mask, greedy_tokens)
+    greedy_ours = greedy(module.clone(return_hidden=False), params, prompts, prompt_mask, greedy_tokens)
     seconds["greedy_ours"] = time.perf_counter() - t0
 
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

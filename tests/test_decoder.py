@@ -21,6 +21,8 @@ from big_vision_lite.models.gemma import (
 from big_vision_lite.models.lora import Einsum, LoRAConfig, lora_equations
 from big_vision_lite.parity import parity_batch
 
+from conftest import TINY_FAMILIES
+
 SMALL = DecoderConfig(vocab_size=64, width=32, depth=3, mlp_dim=48, num_heads=4, num_kv_heads=2, head_dim=8,
                       family="gemma3_text", post_norms=True, qk_norm=True, layer_types=("sliding", "sliding", "full"),
                       sliding_window=4, attn_logit_softcap=5.0, final_logit_softcap=3.0, local_rope_theta=100.0)
@@ -36,7 +38,7 @@ def _apply(module, params, *args):
     return jax.jit(module.apply)({"params": params}, *args)
 
 
-@pytest.mark.parametrize("family", ["gemma_mha", "gemma2", "gemma3", "llama", "qwen3"])
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_cache_steps_equal_one_pass(tiny_checkpoints, family):
     """Prefill a prefix, then feed one token at a time through the concatenation cache and through the
     fixed-capacity cache: both give the one-pass logits."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite.checkpoints import load_decoder
-from big_vision_lite.generate import generate, greedy
+from big_vision_lite.generate import generate, greedy, left_pad
 from big_vision_lite.parity import parity_batch
 from big_vision_lite.samplers import SamplerConfig
 
@@ -54,3 +54,25 @@ def test_input_errors(model):
         generate(module, params, tokens, mask, 4, sampler=SamplerConfig(temperature=1.0))
     with pytest.raises(ValueError, match=r"must both be \[B, T\]"):
         generate(module, params, tokens[0], mask[0], 4)
+
+
+def test_cache_length_limits(model):
+    module, params, tokens, mask = model
+    with pytest.raises(ValueError, match=r"12 tokens long \(padding included\), longer than the cache of 10 slots"):
+        generate(module, params, tokens, mask, 4, cache_length=10)
+    with pytest.raises(ValueError, match=r"cache of 14 slots .* too small for 12 prompt tokens \+ max_new_tokens 4: "
+                                         r"it needs at least 16"):
+        generate(module, params, tokens, mask, 4, cache_length=14)
+    # Spare slots are never attended: a larger cache decodes the same ids.
+    np.testing.assert_array_equal(generate(module, params, tokens, mask, 4, cache_length=40).tokens,
+                                  greedy(module, params, tokens, mask, 4))
+
+
+def test_left_pad():
+    tokens, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    np.testing.assert_array_equal(tokens, [[5, 6, 7], [0, 0, 8]])
+    np.testing.assert_array_equal(mask, [[True] * 3, [False, False, True]])
+    with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
+        left_pad([[1], []])
+    with pytest.raises(ValueError, match="no prompts"):
+        left_pad([])

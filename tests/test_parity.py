@@ -15,7 +15,9 @@ from conftest import TINY_FAMILIES
 def test_tiny_family_matches_transformers(tiny_checkpoints, family):
     report = parity.run_parity(str(tiny_checkpoints[family]))
     assert report.max_rel_err <= 1e-5, report.table()
-    assert report.greedy_match, report.table()
+    # 32 greedy ids for 4 left-padded prompts of different lengths, ours against transformers' generate.
+    assert report.greedy_match and len(report.greedy_ours) == 4, report.table()
+    assert {len(row) for row in report.greedy_ours} == {32}
     assert report.ok and report.tolerance == 1e-5
     config = json.loads((tiny_checkpoints[family] / "config.json").read_text())
     assert [e.name for e in report.layers] == ["embeddings", *[f"layer_{i}" for i in range(
@@ -53,7 +55,7 @@ def test_cli_bfloat16_parity(tiny_checkpoints, tmp_path):
     assert main(["parity", str(tiny_checkpoints["gemma3"]), "--dtype", "bfloat16", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and 0 < report["max_rel_err"] <= report["tolerance"] == 3e-2
-    assert len(report["greedy_agree"]) == 2 and all(0 <= n <= 16 for n in report["greedy_agree"])
+    assert len(report["greedy_agree"]) == 4 and all(0 <= n <= 32 for n in report["greedy_agree"])
 
 
 def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, capsys):
@@ -66,6 +68,12 @@ def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, c
     assert main(["parity", str(bad)]) == 2
     assert "model_type 'mamba' is not supported" in capsys.readouterr().err
     assert main(["parity", str(tiny_checkpoints["llama"]), "--seq-len", "0"]) == 2
+
+
+def test_greedy_batch_has_four_left_padded_lengths():
+    tokens, mask = parity.greedy_batch(96, 32)
+    assert tokens.shape == (4, 32) and mask.sum(1).tolist() == [32, 24, 16, 8]
+    assert mask[:, -1].all() and (tokens[~mask] == 0).all() and (tokens[mask] > 0).all()
 
 
 def test_report_ok_and_greedy_agreement_rules():
