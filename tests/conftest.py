@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-init transformers checkpoints of every decoder family, built (never downloaded)."""
+"""Shared fixtures: tiny random-init transformers checkpoints of every decoder family, built (never downloaded), and
+the real packaged checkpoints converted once per session into a fresh cache."""
 
 from pathlib import Path
 
@@ -48,3 +49,26 @@ def build_tiny_hf(family: str, folder: Path, seed: int = 0) -> Path:
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_hf")
     return {family: build_tiny_hf(family, root / family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def packaged_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bvl_cache")
+
+
+@pytest.fixture(scope="session")
+def converted(packaged_cache):
+    """name -> (gguf file, converted HF folder), converted once per session into a fresh cache."""
+    from big_vision_lite.checkpoints.packaged import packaged_gguf_path, resolve_model_path
+
+    results: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in results:
+            # Scoped so the session cache does not leak into other test files' environment.
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("BVL_CACHE_DIR", str(packaged_cache))
+                results[name] = (packaged_gguf_path(name), resolve_model_path(name))
+        return results[name]
+
+    return get

@@ -15,7 +15,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from big_vision_lite.checkpoints import gguf as bvl_gguf
-from big_vision_lite.checkpoints import packaged
 from big_vision_lite.checkpoints.gguf import (
     CONVERTER_VERSION,
     MARKER_FILE,
@@ -42,27 +41,6 @@ NON_MODEL_CONFIG_KEYS = {
     "transformers_version",
     "quantization_config",
 }
-
-
-@pytest.fixture(scope="session")
-def packaged_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bvl_cache")
-
-
-@pytest.fixture(scope="session")
-def converted(packaged_cache):
-    """name -> (gguf file, converted HF folder), converted once per session into a fresh cache."""
-    results: dict[str, tuple[Path, Path]] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in results:
-            # Scoped so the session cache does not leak into other test files' environment.
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("BVL_CACHE_DIR", str(packaged_cache))
-                results[name] = (packaged.packaged_gguf_path(name), resolve_model_path(name))
-        return results[name]
-
-    return get
 
 
 def _transformers_gguf_load(gguf_path: Path, names_from: Path) -> tuple[dict, dict[str, np.ndarray]]:

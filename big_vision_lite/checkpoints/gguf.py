@@ -3,8 +3,10 @@
 `gguf_to_hf_folder` dequantises every tensor to float32, renames it to the key transformers uses, undoes
 the layout changes llama.cpp's converter made, and writes `config.json` + `model.safetensors`. The result
 holds exactly the tensors `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` would load, so the
-rest of the project only ever loads plain HF folders. Supported GGUF architectures: `gemma3` (written as
-`gemma3_text`) and `llama`. Needs only `gguf`, `numpy` and `safetensors`, not torch.
+rest of the project only ever loads plain HF folders. When the file describes a tokenizer, the folder also gets
+the `tokenizer.json` + `tokenizer_config.json` that `gguf_tokenizer` builds from it (the ids of transformers'
+GGUF tokenizer). Supported GGUF architectures: `gemma3` (written as `gemma3_text`) and `llama`. Needs only
+`gguf`, `numpy`, `safetensors` and `tokenizers`, not torch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from safetensors.numpy import save_file
 
 from big_vision_lite.checkpoints.atomic import atomic_folder
 
-# Bump whenever the output of the conversion changes, so that caches written by older code are rebuilt.
-CONVERTER_VERSION = 1
+# Bump whenever the output of the conversion (weights, config or tokenizer files) changes, so that caches written by
+# older code are rebuilt. 2: tokenizer files.
+CONVERTER_VERSION = 2
 MARKER_FILE = "bvl_conversion.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -92,12 +95,22 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
         )
     config_builder, layer_names, transform = _ARCHITECTURES[architecture]
     config = config_builder(reader, gguf_path)
+    # Before the tensors, so an unsupported tokenizer fails fast. Imported here: gguf_tokenizer builds on this
+    # module's errors and header check.
+    from big_vision_lite.checkpoints import gguf_tokenizer
+
+    metadata = gguf_tokenizer.read_gguf_metadata(gguf_path)
+    tokenizer = None
+    if gguf_tokenizer.has_tokenizer(metadata):  # weights-only files describe none
+        tokenizer = gguf_tokenizer.build_gguf_tokenizer(metadata, gguf_path)
     tensors = _convert_tensors(reader, gguf_path, layer_names, lambda name, w: transform(name, w, config))
 
     with atomic_folder(out_dir) as tmp_dir:
         # "format": "pt" is what transformers' safetensors loader expects in the header.
         save_file(tensors, tmp_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            gguf_tokenizer.write_tokenizer_files(*tokenizer, tmp_dir)
         marker = {"converter_version": CONVERTER_VERSION, **_source_identity(gguf_path)}
         (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir
@@ -117,7 +130,8 @@ def _source_identity(gguf_path: Path) -> dict[str, Any]:
     return {"source_name": gguf_path.name, "source_size": gguf_path.stat().st_size}
 
 
-def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
+def check_gguf_magic(gguf_path: Path) -> None:
+    """Raises GGUFConversionError unless the file starts with the GGUF magic (FileNotFoundError if missing)."""
     size = gguf_path.stat().st_size  # raises FileNotFoundError for a missing file, which says it all
     with gguf_path.open("rb") as f:
         magic = f.read(len(_GGUF_MAGIC))
@@ -127,6 +141,11 @@ def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
         raise GGUFConversionError(f"{gguf_path}: truncated GGUF file ({size} bytes, cut inside the magic)")
     if magic != _GGUF_MAGIC:
         raise GGUFConversionError(f"{gguf_path}: not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r})")
+
+
+def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
+    check_gguf_magic(gguf_path)
+    size = gguf_path.stat().st_size
     try:
         # GGUFReader maps the file and reshapes views of it for every field and tensor, so a short file
         # (cut anywhere, down to the last tensor's last byte) fails here, with a bare numpy message.
