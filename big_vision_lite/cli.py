@@ -1,4 +1,4 @@
-"""The `bvl` command line: parity, demo and benchmarks.
+"""The `bvl` command line: parity, generation, demo and benchmarks.
 
 Input errors (a bad checkpoint, an unknown model name, a bad option) print one line without a traceback and
 exit 2; a check that runs but fails (parity out of tolerance, a benchmark below target) exits 1.
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_MODEL = "gemma3-270m"
+DEMO_PROMPTS = ("The capital of France is", "Here is a short poem about the sea:\n", "def fibonacci(n):")
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -28,9 +29,45 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path} does not exist")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompt-file {path} holds no prompt (one per non-empty line)")
+    if not prompts:
+        raise ValueError("give at least one --prompt TEXT or a --prompt-file")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from big_vision_lite.generate import generate_text
+    from big_vision_lite.samplers import SamplerConfig
+
+    sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)  # checks the settings before loading
+    result = generate_text(args.model, _read_prompts(args), max_new_tokens=args.max_new_tokens, sampler=sampler,
+                           seed=args.seed, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    for row in result["completions"]:
+        print(f"--- {row['prompt']!r}\n{row['prompt']}{row['completion']}")
+    print(f"--- {result['new_tokens']} new tokens in {result['run_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s "
+          f"(batch {len(result['completions'])}, {args.dtype}); compile {result['compile_s']:.2f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     print(f"== Golden-value parity: {DEMO_MODEL} (real Google weights) against transformers (PyTorch) ==")
-    return cmd_parity(argparse.Namespace(model=DEMO_MODEL, dtype="float32", seq_len=None, tolerance=None, json=None))
+    status = cmd_parity(argparse.Namespace(model=DEMO_MODEL, dtype="float32", seq_len=None, tolerance=None, json=None))
+    print(f"\n== Greedy generation from {DEMO_MODEL}: one jitted decode loop, a batch of prompts ==")
+    generated = cmd_generate(argparse.Namespace(
+        model=DEMO_MODEL, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
+        top_p=None, seed=0, dtype="float32", json=False))
+    return status or generated
 
 
 def cmd_bench_forward(args: argparse.Namespace) -> int:
@@ -54,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per row (default: longer than any sliding window)")
     p.add_argument("--tolerance", type=float, help="max relative error (default: by dtype and model size)")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("generate", help="continue prompts with the jitted decode loop")
+    p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat the option for a batch)")
+    p.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="the PRNG seed of sampling")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--json", action="store_true", help="print the completions and timings as JSON")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help=f"the main job: parity of {DEMO_MODEL} against PyTorch")
     p.set_defaults(func=cmd_demo)

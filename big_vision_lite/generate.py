@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.models.attention import causal_mask
 from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
 from big_vision_lite.samplers import SamplerConfig, sample
+from big_vision_lite.timing import timed
 
 GREEDY = SamplerConfig()
 
@@ -150,3 +152,48 @@ def greedy(module: nn.Module, params: Any, tokens: np.ndarray, input_mask: np.nd
            max_new_tokens: int) -> np.ndarray:
     """Greedy ids [B, max_new_tokens] with no early stop (what parity compares with transformers)."""
     return generate(module, params, tokens, input_mask, max_new_tokens).tokens
+
+
+def generate_text(
+    model: str,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    sampler: SamplerConfig = GREEDY,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Loads `model` (a packaged name or an HF folder) and its tokenizer and continues `prompts` as one batch.
+
+    Returns the completions (text and ids, each row stopped at its first end token) with the timings: `load_s`,
+    `compile_s` (tracing + XLA compilation) and `run_s` (the rest of the generate call), and `tokens_per_s`
+    (new tokens of all rows / run_s).
+    """
+    from big_vision_lite.tokenizer import load_tokenizer
+
+    with timed() as load:
+        tokenizer = load_tokenizer(model)
+        module, params, _ = load_decoder(model, dtype)
+    tokens, mask = left_pad(tokenizer.encode_batch(prompts), tokenizer.pad_id)
+    with timed() as run:
+        result = generate(module, params, tokens, mask, max_new_tokens, sampler=sampler, rng=jax.random.key(seed),
+                          end_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    completions = []
+    for prompt, ids, length in zip(prompts, result.tokens, result.lengths, strict=True):
+        ids = ids[:length].tolist()
+        completions.append({"prompt": prompt, "completion": tokenizer.decode(ids), "tokens": ids,
+                            "stopped_at_end": bool(length and ids[-1] in tokenizer.eos_ids)})
+    new_tokens = int(result.lengths.sum())
+    return {
+        "model": model,
+        "dtype": dtype,
+        "sampler": dataclasses.asdict(sampler),
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "completions": completions,
+        "new_tokens": new_tokens,
+        "load_s": round(load.total_s, 3),
+        "compile_s": round(run.compile_s, 3),
+        "run_s": round(run.run_s, 3),
+        "tokens_per_s": round(new_tokens / run.run_s, 2) if run.run_s > 0 else None,
+    }

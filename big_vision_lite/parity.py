@@ -20,12 +20,16 @@ from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, packaged_gguf_path
 from big_vision_lite.generate import greedy, left_pad, make_apply
 from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
+from big_vision_lite.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILE, load_tokenizer
 
 # Relative-error tolerances. float32: op-order differences only (tiny models reach ~1e-6; 18-30 real layers
 # with 262k-wide logits accumulate more). bfloat16: 8 mantissa bits, ~4e-3 per rounding, compounded per layer.
 TOLERANCES = {("float32", "tiny"): 1e-5, ("float32", "real"): 1e-4, ("bfloat16", "tiny"): 3e-2,
               ("bfloat16", "real"): 6e-2}
 TINY_PARAMS = 10_000_000  # below this a checkpoint counts as a tiny test model
+# Real models continue text of different token lengths (random ids would make near-tied logits likely).
+GREEDY_PROMPTS = ("The capital of France is", "Here is a short poem about the sea:\n",
+                  "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "1, 1, 2, 3, 5, 8,")
 
 
 @dataclasses.dataclass
@@ -45,6 +49,7 @@ class ParityReport:
     greedy_ours: list[list[int]]
     greedy_ref: list[list[int]]
     seconds: dict[str, float]
+    greedy_prompts: list[str] | None = None  # the texts behind the greedy ids (None: random ids)
 
     @property
     def max_rel_err(self) -> float:
@@ -82,6 +87,7 @@ class ParityReport:
             "layers": [dataclasses.asdict(e) for e in self.layers],
             "greedy_ours": self.greedy_ours,
             "greedy_ref": self.greedy_ref,
+            "greedy_prompts": self.greedy_prompts,
             "seconds": self.seconds,
         }
 
@@ -125,6 +131,18 @@ def greedy_batch(vocab_size: int, longest: int, batch: int = 4, seed: int = 1) -
     rng = np.random.default_rng(seed)
     lengths = [max(1, longest * (batch - row) // batch) for row in range(batch)]
     return left_pad([rng.integers(1, vocab_size, size=n).tolist() for n in lengths])
+
+
+def greedy_inputs(name_or_path: str, vocab_size: int, longest: int,
+                  rows: int = 4) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """The greedy check's prompts: `GREEDY_PROMPTS` through the model's own tokenizer when it has one (packaged
+    models, folders with tokenizer files), else random ids of different lengths (`greedy_batch`)."""
+    folder = Path(name_or_path)
+    if name_or_path in PACKAGED_MODELS or any((folder / f).is_file() for f in (TOKENIZER_FILE, SENTENCEPIECE_FILE)):
+        tokenizer = load_tokenizer(name_or_path)
+        texts = list(GREEDY_PROMPTS[:rows])
+        return *left_pad(tokenizer.encode_batch(texts), tokenizer.pad_id or 0), texts
+    return *greedy_batch(vocab_size, longest, rows), None
 
 
 def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -218,7 +236,7 @@ def run_parity(
     layers = [_errors(n, ours[n], ref[n], mask) for n in names]
     del ref, ours, logits, out
 
-    prompts, prompt_mask = greedy_batch(cfg.vocab_size, seq_len, greedy_rows)
+    prompts, prompt_mask, texts = greedy_inputs(name_or_path, cfg.vocab_size, seq_len, greedy_rows)
     t0 = time.perf_counter()
     greedy_ref = _torch_greedy(reference, prompts, prompt_mask, greedy_tokens)
     seconds["greedy_reference"] = time.perf_counter() - t0
@@ -237,5 +255,6 @@ def run_parity(
         greedy_ours=greedy_ours.tolist(),
         greedy_ref=greedy_ref.tolist(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
+        greedy_prompts=texts,
     )
 

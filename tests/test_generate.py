@@ -1,13 +1,18 @@
-"""The jitted decode loop: end tokens per row, sampling with explicit keys, and input errors."""
+"""The jitted decode loop (end tokens per row, sampling with explicit keys, input errors) and `bvl generate`."""
+
+import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.cli import main
 from big_vision_lite.generate import generate, greedy, left_pad
 from big_vision_lite.parity import parity_batch
 from big_vision_lite.samplers import SamplerConfig
+from big_vision_lite.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +81,61 @@ def test_left_pad():
         left_pad([[1], []])
     with pytest.raises(ValueError, match="no prompts"):
         left_pad([])
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tiny_checkpoints, tmp_path_factory):
+    """The tiny gemma3 checkpoint plus a character-level BPE tokenizer of its 96 ids (pad 0, bos 1, eos 2)."""
+    import tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny_tok") / "gemma3"
+    shutil.copytree(tiny_checkpoints["gemma3"], folder)
+    rust = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    rust.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"])
+    corpus = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "to be or not to be"]
+    rust.train_from_iterator(corpus * 20, trainer)
+    assert rust.get_vocab_size() <= 96
+    rust.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+    return folder
+
+
+def test_cli_generate_batches_prompts_of_different_lengths(tiny_with_tokenizer, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the lazy dog\n\nto be or not\n")
+    assert main(["generate", str(tiny_with_tokenizer), "--prompt", "a stitch", "--prompt-file", str(prompts),
+                 "--max-new-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [c["prompt"] for c in result["completions"]] == ["a stitch", "the lazy dog", "to be or not"]
+    assert result["new_tokens"] == sum(len(c["tokens"]) for c in result["completions"])
+    assert result["tokens_per_s"] > 0 and result["compile_s"] > 0 and result["sampler"]["temperature"] == 0
+
+    # The same ids as `generate` on the tokenizer's left-padded batch, each row cut after its first EOS.
+    module, params, _ = load_decoder(tiny_with_tokenizer)
+    tokenizer = load_tokenizer(tiny_with_tokenizer)
+    tokens, mask = left_pad(tokenizer.encode_batch(["a stitch", "the lazy dog", "to be or not"]), tokenizer.pad_id)
+    assert tokens[0, 0] == tokenizer.pad_id and (tokens[mask.argmax(1) == 0][:, 0] == tokenizer.bos_id).all()
+    expected = generate(module, params, tokens, mask, 6, end_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    for completion, ids, length in zip(result["completions"], expected.tokens, expected.lengths, strict=True):
+        assert completion["tokens"] == ids[:length].tolist()
+        assert completion["completion"] == tokenizer.decode(completion["tokens"])
+
+    assert main(["generate", str(tiny_with_tokenizer), "--prompt", "to be", "--max-new-tokens", "3"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_cli_generate_input_errors(tiny_with_tokenizer, tiny_checkpoints, tmp_path, capsys):
+    model = str(tiny_with_tokenizer)
+    assert main(["generate", model]) == 2
+    assert "give at least one --prompt" in capsys.readouterr().err
+    assert main(["generate", model, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert main(["generate", model, "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", model, "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "max_new_tokens must be >= 1" in capsys.readouterr().err
+    assert main(["generate", str(tiny_checkpoints["llama"]), "--prompt", "x"]) == 2
+    assert "no tokenizer.json or tokenizer.model" in capsys.readouterr().err
