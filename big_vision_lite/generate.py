@@ -27,10 +27,18 @@ from big_vision_lite.timing import timed
 GREEDY = SamplerConfig()
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="last_logits_only")
+def _apply(module: nn.Module, params: Any, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+           cache: KVCache | None, last_logits_only: bool = False) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+    return module.apply({"params": params}, tokens, positions, mask, cache, last_logits_only=last_logits_only)
+
+
 def make_apply(module: nn.Module) -> Callable[..., tuple[jax.Array, KVCache, dict[str, Any]]]:
-    """A jitted `(params, tokens, positions, attn_mask, cache) -> (logits, cache, out)` for `module`."""
-    return jax.jit(lambda params, tokens, positions, mask, cache: module.apply({"params": params}, tokens, positions,
-                                                                              mask, cache))
+    """A jitted `(params, tokens, positions, attn_mask, cache, last_logits_only=False) -> (logits, cache, out)`.
+
+    One jit for all calls: equal modules share its compilations, so a second `generate` compiles nothing.
+    """
+    return functools.partial(_apply, module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +128,8 @@ def generate(
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng)")
     mask = jnp.asarray(input_mask)
     positions = positions_from_mask(mask)
-    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None)
+    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None,
+                                          last_logits_only=True)
     first_rng, loop_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
     first = sample(logits[:, -1], first_rng, sampler)
     # The loop also feeds the last written id (whose logits it never uses), so T + N slots are written.
