@@ -28,4 +28,6 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/bvl bench forward gemma3-270m --json bench_forward.json
+	-$(BIN)/bvl bench forward gemma3-270m --json bench_forward.json
+	-$(BIN)/bvl bench decode gemma3-270m --json bench_decode.json
+	-$(BIN)/bvl bench decode gemma3-270m --dtype bfloat16 --json bench_decode_bf16.json

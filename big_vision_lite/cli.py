@@ -79,6 +79,15 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from big_vision_lite.bench.decode import format_decode_table, run_decode_bench
+
+    result = run_decode_bench(args.model, dtype=args.dtype)
+    print(format_decode_table(result))
+    _write_json(args.json, result)
+    return 0 if result["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bvl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench_forward)
+    p = bench_sub.add_parser("decode", help="greedy generation (64-token prompts, 128 new tokens) vs transformers")
+    p.add_argument("model")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench_decode)
     return parser
 
 

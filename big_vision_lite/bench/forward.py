@@ -109,7 +109,7 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def _cpu_counters() -> tuple[float, float, float] | None:
+def cpu_counters() -> tuple[float, float, float] | None:
     """(machine busy CPU-seconds, this process's CPU-seconds, wall seconds); None where /proc/stat is missing."""
     try:
         with open("/proc/stat") as f:
@@ -123,7 +123,7 @@ def _cpu_counters() -> tuple[float, float, float] | None:
 
 def background_cpu(start: tuple[float, float, float] | None) -> float | None:
     """Fraction of the machine's CPU time other processes used since `start` (0: quiet, 1: every core busy)."""
-    end = _cpu_counters()
+    end = cpu_counters()
     if start is None or end is None or end[2] <= start[2]:
         return None
     others = (end[0] - start[0]) - (end[1] - start[1])
@@ -140,7 +140,7 @@ def peak_rss_gib() -> float | None:
     return round(kib / 2**20, 2)
 
 
-def _environment(torch_threads: int, compiler_options: Mapping[str, Any]) -> dict[str, Any]:
+def environment(torch_threads: int, compiler_options: Mapping[str, Any]) -> dict[str, Any]:
     import jaxlib
     import torch
     import transformers
@@ -236,7 +236,7 @@ def run_forward_bench(
             for fn in fns.values():
                 for _ in range(warmup):
                     fn()
-            counters = _cpu_counters()
+            counters = cpu_counters()
             times = interleaved_times(fns, repeats)
             background = background_cpu(counters)
             medians = {name: round(float(np.median(ts)) * 1e3, 3) for name, ts in times.items()}
@@ -267,7 +267,7 @@ def run_forward_bench(
             "target_ratio": TARGET_RATIO,
             "ours": {"scan_layers": scan_layers, "compiler_options": options, "jit": "jax.jit + lower().compile()",
                      "last_logits_only": True},
-            "env": _environment(threads, options) | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+            "env": environment(threads, options) | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
             "load_s": {k: round(v, 3) for k, v in load_s.items()},
             "logit_tolerance": tolerance,
             "peak_rss_gib": peak_rss_gib(),

@@ -1,0 +1,466 @@
+"""Decode benchmark: greedy generation with our jitted loop against transformers, same weights and prompts.
+
+What is timed, per batch size B: greedy generation of `new_tokens` ids after a prompt of `prompt_len`
+deterministic random ids per row (no padding, no end ids: every side produces exactly `new_tokens` ids per row),
+from the token ids in host memory to the generated ids in host memory. tokens/s = B * new_tokens / seconds.
+
+- Ours (`ours`): `generate(module, params, tokens, mask, new_tokens)`: the prefill, then the jitted `lax.while_loop`
+  over the fixed-capacity cache, up to the ids as a numpy array. The first call compiles; the JAX tracing,
+  lowering and XLA compilation it does (the union of the spans JAX reports through `jax.monitoring`) is
+  `compile_s`. Should a later, timed call compile again, that span is measured the same way and subtracted from
+  its time (reported as `recompile_s`, and the table warns), so compilation is never counted as generation.
+- `ours_1`: the same call with `new_tokens=1` (prefill and one loop step), so our per-step decode time is
+  `(ours - ours_1) / (new_tokens - 1)` and our prefill about `ours_1 - step`.
+- transformers `generate` (`generate_<attn>`): `model.generate(input_ids, attention_mask, max_new_tokens=N,
+  min_new_tokens=N, do_sample=False)` with no end id, under `torch.inference_mode()`.
+- A manual PyTorch loop (`static_<attn>`): a transformers `StaticCache` of prompt_len + new_tokens slots, one
+  prefill forward, then one-token forwards with explicit `cache_position` / `position_ids` and argmax; its
+  prefill and mean per-step times are recorded inside the loop.
+
+Both PyTorch sides load the same HF folder as ours (a packaged name resolves to its converted folder) with
+`attn_implementation` from `attn_implementations` (sdpa by default: on the 2-core AVX-512 CPU it was as fast as
+eager at batch 1 and faster at batch 8) and torch using every CPU core. torch.compile is not used: with
+transformers 5.23 the StaticCache's Python-int length is guarded on, so it recompiles (~20 s) at every step.
+
+Each side first makes one untimed call whose ids are compared (`tokens_match`: ours equal transformers `generate`
+exactly; `agree_prefix`: per row, how many leading ids agree), then `warmup` more untimed calls. Then `repeats`
+rounds run the sides in turn, rotating the order each round; medians are reported. `speedup` = our tokens/s over
+the best PyTorch side's. The share of the CPUs other processes took while timing is recorded too.
+
+The memory-bandwidth floor: per decode step every weight must be read once (a tied embedding in full, for the
+logits; the input-embedding lookup reads B rows) plus the KV cache at the mean cache length prompt_len +
+new_tokens / 2 (sliding layers at most their window). The bandwidth is measured in the same run (before the models
+load and after each batch size's timings, each the best of `bandwidth_repeats` calls; the highest counts) as the
+faster of a jitted matrix-vector product and a torch sum over a 1 GiB float32 array: on a shared host the
+bandwidth left to this machine varies (35-66 GB/s seen on the 2-core AVX-512 CPU), so only a figure taken
+alongside the timings makes a fair floor. `floor_step_ms` = bytes / bandwidth and `bandwidth_fraction` =
+floor_step_ms / our measured step time.
+"""
+
+import copy
+import functools
+import gc
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision_lite.bench.forward import (
+    BUSY_WARNING,
+    background_cpu,
+    bench_tokens,
+    cpu_count,
+    cpu_counters,
+    environment,
+    interleaved_times,
+    loadavg,
+    peak_rss_gib,
+)
+from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.checkpoints.packaged import resolve_model_path
+from big_vision_lite.generate import generate
+from big_vision_lite.models.gemma import DecoderConfig
+from big_vision_lite.parity import load_reference
+
+TARGET_SPEEDUP = {1: 1.5, 8: 2.0}  # ours / best PyTorch tokens/s, per batch size
+TARGET_BANDWIDTH_FRACTION = 0.6  # at batch 1: floor_step_ms / our step time
+DEFAULT_ATTN_IMPLEMENTATIONS = ("sdpa",)
+# Decode is dominated by per-step weight reads: with scanned layers the while loop slices (copies) every layer's
+# weights out of the stacked arrays on every step; unrolled it does not (~33 against ~60 ms/step on gemma3-270m).
+DEFAULT_SCAN_LAYERS = False
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+BANDWIDTH_GIB = 1.0
+
+
+class CompileSpans:
+    """Collects the time spans in which JAX traced, lowered or compiled (via `jax.monitoring`) while registered."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    def _listener(self, event: str, start_time: float, end_time: float, **_: Any) -> None:
+        if event in COMPILE_EVENTS:
+            self.spans.append((start_time, end_time))
+
+    @contextmanager
+    def recording(self) -> Iterator["CompileSpans"]:
+        jax.monitoring.register_event_time_span_listener(self._listener)
+        try:
+            yield self
+        finally:
+            jax.monitoring.unregister_event_time_span_listener(self._listener)
+
+    def seconds_since(self, first: int) -> float:
+        """Length of the union of the spans from index `first` on (nested spans count once)."""
+        total, end = 0.0, -np.inf
+        for start, stop in sorted(self.spans[first:]):
+            if stop > end:
+                total += stop - max(start, end)
+                end = stop
+        return total
+
+
+def measure_bandwidth(gib: float = BANDWIDTH_GIB, repeats: int = 5) -> dict[str, float]:
+    """Memory read bandwidth in GB/s (1e9 bytes/s), best of `repeats`, over a `gib` GiB float32 array, two ways:
+    `jax_matvec` (a jitted [n, 1024] @ [1024] product: the access pattern of a decode step) and `torch_sum`
+    (every torch thread). `best` is the larger."""
+    import torch
+
+    cols = 1024
+    rows = max(int(gib * 2**30) // (4 * cols), 1)
+    nbytes = rows * cols * 4
+    matvec = jax.jit(jnp.matmul)
+    jax_call = functools.partial(_wait_jax, matvec, jnp.ones((rows, cols), jnp.float32), jnp.ones((cols,), jnp.float32))
+    torch_call = torch.ones(rows * cols, dtype=torch.float32).sum
+    result: dict[str, float] = {}
+    for name, call in (("jax_matvec", jax_call), ("torch_sum", torch_call)):
+        call()
+        result[name] = round(nbytes / min(interleaved_times({name: call}, repeats)[name]) / 1e9, 2)
+    del jax_call, torch_call
+    gc.collect()
+    return result | {"best": max(result.values()), "gib": gib}
+
+
+def _wait_jax(fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
+    return fn(*args).block_until_ready()
+
+
+def mean_cache_length(prompt_len: int, new_tokens: int) -> float:
+    """Keys a decode step reads on average: step j = 1 .. N-1 feeds generated id j and attends T + j keys."""
+    return prompt_len + new_tokens / 2
+
+
+def decode_bytes_per_step(cfg: DecoderConfig, params: Any, batch: int, cache_length: float,
+                          cache_dtype: str) -> dict[str, float]:
+    """Bytes one decode step must read: `weights` (every parameter once; a tied embedding in full for the logits,
+    plus B looked-up rows of the input embedding) and `kv_cache` (keys and values of `cache_length` tokens per
+    layer, at most `sliding_window` in sliding layers), and their `total`."""
+    param_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(params))
+    table = params["embedder"]["input_embedding"]
+    table_bytes = int(table.size) * table.dtype.itemsize
+    weights = param_bytes + batch * cfg.width * table.dtype.itemsize - (0 if cfg.tie_embeddings else table_bytes)
+    keys = sum(min(cache_length, cfg.sliding_window) if sliding else cache_length for sliding in cfg.is_sliding)
+    kv_cache = 2 * batch * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cache_dtype).itemsize * keys
+    return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
+
+
+def agree_prefix(ours: np.ndarray, ref: np.ndarray) -> list[int]:
+    """Per row, how many leading ids of `ours` [B, N] and `ref` [B, N] agree."""
+    differ = ours != ref
+    return [int(row.argmax()) if row.any() else int(row.size) for row in differ]
+
+
+def _ours(module: Any, params: Any, tokens: np.ndarray, mask: np.ndarray, new_tokens: int, spans: CompileSpans,
+          recompile: list[float]) -> np.ndarray:
+    """One timed call of ours; appends the seconds JAX spent compiling during it to `recompile`."""
+    first = len(spans.spans)
+    out = generate(module, params, tokens, mask, new_tokens).tokens
+    recompile.append(spans.seconds_since(first))
+    return out
+
+
+def _generation_config(model: Any, new_tokens: int, pad_id: int) -> Any:
+    config = copy.deepcopy(model.generation_config)
+    # No end id: both sides produce exactly new_tokens ids (and min_new_tokens then masks nothing).
+    config.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                  pad_token_id=pad_id, top_k=None, top_p=None, temperature=None)
+    return config
+
+
+def _torch_generate(model: Any, config: Any, ids: Any, mask: Any) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def _torch_static_loop(model: Any, ids: Any, new_tokens: int, stats: list[tuple[float, float]]) -> np.ndarray:
+    """Greedy ids [B, N] from a StaticCache loop; appends (prefill seconds, mean seconds per decode step)."""
+    import torch
+    from transformers import StaticCache
+
+    batch, prompt_len = ids.shape
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+        positions = torch.arange(prompt_len)
+        out = model(input_ids=ids, past_key_values=cache, cache_position=positions,
+                    position_ids=positions.expand(batch, prompt_len), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        t1 = time.perf_counter()
+        for i in range(new_tokens - 1):
+            position = torch.tensor([prompt_len + i])
+            out = model(input_ids=token, past_key_values=cache, cache_position=position,
+                        position_ids=position.expand(batch, 1), use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        t2 = time.perf_counter()
+    stats.append((t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)))
+    return torch.cat(tokens, dim=1).numpy()
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(values))
+
+
+def run_decode_bench(
+    model: str,
+    *,
+    prompt_len: int = 64,
+    new_tokens: int = 128,
+    batches: Sequence[int] = (1, 8),
+    dtype: str = "float32",
+    repeats: int = 3,
+    warmup: int = 1,
+    scan_layers: bool = DEFAULT_SCAN_LAYERS,
+    attn_implementations: Sequence[str] = DEFAULT_ATTN_IMPLEMENTATIONS,
+    torch_threads: int | None = None,
+    bandwidth_gib: float = BANDWIDTH_GIB,
+    bandwidth_repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Times greedy decoding of `model` (packaged name or HF folder) on every side; see the module docstring.
+
+    `scan_layers` configures our side (a `load_decoder` option). `attn_implementations` lists the transformers
+    attention kernels to run (each gives a `generate_<attn>` and a `static_<attn>` side). `torch_threads` defaults
+    to every CPU this process may use; torch's previous setting is restored afterwards. `bandwidth_gib` sizes the
+    bandwidth probe's array (0 skips the probe: no floor is reported).
+
+    Returns a JSON-serialisable dict: the headline `speedup_b<B>` (ours / best PyTorch tokens/s),
+    `bandwidth_fraction_b<B>` and `bytes_per_step_b<B>` per batch size, `tokens_match` (ours equal transformers
+    `generate` at every batch size), `bandwidth_gbps`, `ok` (targets met; in float32 also the ids match); the run's
+    settings, `env`, `load_s`, `bandwidth` (every probe) and `batches`: one entry per batch size with
+    `compile_s`, `first_call_s`, `recompile_s`, `seconds` (medians per side; ours net of recompilation),
+    `tokens_per_s`, `best_torch`, `speedup`, `ours_step_ms`, `ours_prefill_ms`, `static_step_ms`,
+    `static_prefill_ms`, `bytes_per_step`, `floor_step_ms`, `bandwidth_fraction`, `tokens_match`, `agree_prefix`,
+    `torch_sides_agree`, `background_cpu` and `times_s` (every timed call).
+    """
+    import torch
+
+    if prompt_len < 1 or new_tokens < 2 or repeats < 1 or warmup < 0 or not batches or min(batches) < 1:
+        raise ValueError(f"need prompt_len >= 1, new_tokens >= 2, repeats >= 1, warmup >= 0 and batch sizes >= 1; "
+                         f"got prompt_len={prompt_len}, new_tokens={new_tokens}, repeats={repeats}, "
+                         f"warmup={warmup}, batches={tuple(batches)}")
+    if not attn_implementations:
+        raise ValueError("attn_implementations is empty: name at least one of 'sdpa', 'eager'")
+    loadavg_start = loadavg()
+    threads = torch_threads or cpu_count()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bandwidth = [measure_bandwidth(bandwidth_gib, bandwidth_repeats)] if bandwidth_gib > 0 else []
+        path = str(resolve_model_path(str(model)))
+        load_s: dict[str, float] = {}
+        t0 = time.perf_counter()
+        module, params, cfg = load_decoder(path, dtype, scan_layers=scan_layers)
+        jax.block_until_ready(params)
+        load_s["ours"] = time.perf_counter() - t0
+        refs = {}
+        for impl in attn_implementations:
+            t0 = time.perf_counter()
+            refs[impl] = load_reference(path, dtype, attn_implementation=impl)
+            load_s[impl] = time.perf_counter() - t0
+        pad_id = 0
+        configs = {impl: _generation_config(ref, new_tokens, pad_id) for impl, ref in refs.items()}
+        cache_length = mean_cache_length(prompt_len, new_tokens)
+
+        spans = CompileSpans()
+        rows = []
+        with spans.recording():
+            for batch in batches:
+                rows.append(_bench_batch(module, params, cfg, refs, configs, spans, batch=batch,
+                                         prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype, repeats=repeats,
+                                         warmup=warmup, seed=seed, cache_length=cache_length))
+                gc.collect()
+                if bandwidth_gib > 0:
+                    bandwidth.append(measure_bandwidth(bandwidth_gib, bandwidth_repeats))
+        bandwidth_gbps = max((b["best"] for b in bandwidth), default=None)
+        for row in rows:
+            _add_floor(row, bandwidth_gbps)
+
+        n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+        tokens_match = all(row["tokens_match"] for row in rows)
+        result: dict[str, Any] = {
+            "benchmark": "decode",
+            "model": str(model),
+            "model_type": cfg.family,
+            "params": n_params,
+            "dtype": dtype,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "warmup": warmup,
+            **{f"speedup_b{row['batch']}": row["speedup"] for row in rows},
+            **{f"bandwidth_fraction_b{row['batch']}": row["bandwidth_fraction"] for row in rows},
+            **{f"bytes_per_step_b{row['batch']}": row["bytes_per_step"]["total"] for row in rows},
+            "tokens_match": tokens_match,
+            "bandwidth_gbps": bandwidth_gbps,
+            "mean_cache_length": cache_length,
+            "targets": {"speedup": {f"b{b}": t for b, t in TARGET_SPEEDUP.items()},
+                        "bandwidth_fraction_b1": TARGET_BANDWIDTH_FRACTION},
+            "ours": {"scan_layers": scan_layers, "api": "big_vision_lite.generate.generate (greedy, no end ids)"},
+            "torch": {"attn_implementations": list(attn_implementations), "compile": False},
+            "env": environment(threads, {}) | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+            "load_s": {k: round(v, 3) for k, v in load_s.items()},
+            "bandwidth": bandwidth,
+            "peak_rss_gib": peak_rss_gib(),
+            "batches": rows,
+        }
+        result["targets_met"] = _targets_met(rows)
+        result["ok"] = all(result["targets_met"].values()) and (tokens_match or dtype != "float32")
+        del module, params, refs
+        gc.collect()
+        return result
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench_batch(module: Any, params: Any, cfg: DecoderConfig, refs: dict[str, Any], configs: dict[str, Any],
+                 spans: CompileSpans, *, batch: int, prompt_len: int, new_tokens: int, dtype: str, repeats: int,
+                 warmup: int, seed: int, cache_length: float) -> dict[str, Any]:
+    """One batch size: the checked first calls, warm-up, interleaved timed rounds and the derived figures."""
+    import torch
+
+    tokens = bench_tokens(cfg.vocab_size, batch, prompt_len, seed)
+    mask = np.ones(tokens.shape, bool)
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    torch_mask = torch.ones_like(ids)
+    recompile: dict[str, list[float]] = {"ours": [], "ours_1": []}
+    static_stats: dict[str, list[tuple[float, float]]] = {impl: [] for impl in refs}
+    fns: dict[str, Callable[[], np.ndarray]] = {
+        "ours": functools.partial(_ours, module, params, tokens, mask, new_tokens, spans, recompile["ours"]),
+        "ours_1": functools.partial(_ours, module, params, tokens, mask, 1, spans, recompile["ours_1"]),
+    }
+    for impl, ref in refs.items():
+        fns[f"generate_{impl}"] = functools.partial(_torch_generate, ref, configs[impl], ids, torch_mask)
+        fns[f"static_{impl}"] = functools.partial(_torch_static_loop, ref, ids, new_tokens, static_stats[impl])
+
+    t0 = time.perf_counter()
+    ours_ids = fns["ours"]()
+    first_call_s = time.perf_counter() - t0
+    compile_s = recompile["ours"].pop()
+    fns["ours_1"]()
+    recompile["ours_1"].pop()
+    ids_by_side = {name: fns[name]() for name in fns if name.startswith(("generate_", "static_"))}
+    reference = ids_by_side[f"generate_{next(iter(refs))}"]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for values in (*recompile.values(), *static_stats.values()):
+        values.clear()
+
+    counters = cpu_counters()
+    times = interleaved_times(fns, repeats)
+    background = background_cpu(counters)
+
+    net = {name: [t - c for t, c in zip(times[name], recompile[name], strict=True)] for name in recompile}
+    seconds = {name: _median(net.get(name, ts)) for name, ts in times.items()}
+    seconds["ours_wall"] = _median(times["ours"])
+    tokens_per_s = {name: batch * new_tokens / s for name, s in seconds.items()
+                    if name == "ours" or name.startswith(("generate_", "static_"))}
+    torch_sides = [name for name in tokens_per_s if name != "ours"]
+    best = max(torch_sides, key=tokens_per_s.__getitem__)
+    step_s = (seconds["ours"] - seconds["ours_1"]) / (new_tokens - 1)
+    step_s = step_s if step_s > 0 else None
+    static = {impl: (_median([p for p, _ in stats]), _median([s for _, s in stats]))
+              for impl, stats in static_stats.items()}
+    return {
+        "batch": batch,
+        "compile_s": round(compile_s, 3),
+        "first_call_s": round(first_call_s, 3),
+        "recompile_s": round(_median(recompile["ours"]), 3),
+        "seconds": {name: round(s, 6) for name, s in seconds.items()},
+        "tokens_per_s": {name: round(v, 2) for name, v in tokens_per_s.items()},
+        "best_torch": best,
+        "speedup": round(tokens_per_s["ours"] / tokens_per_s[best], 4),
+        "ours_step_ms": None if step_s is None else round(step_s * 1e3, 6),
+        "ours_prefill_ms": None if step_s is None else round((seconds["ours_1"] - step_s) * 1e3, 6),
+        **{f"static_{impl}_step_ms": round(s * 1e3, 6) for impl, (_, s) in static.items()},
+        **{f"static_{impl}_prefill_ms": round(p * 1e3, 6) for impl, (p, _) in static.items()},
+        "bytes_per_step": decode_bytes_per_step(cfg, params, batch, cache_length, dtype),
+        "tokens_match": bool(np.array_equal(ours_ids, reference)),
+        "agree_prefix": agree_prefix(ours_ids, reference),
+        "torch_sides_agree": all(np.array_equal(v, reference) for v in ids_by_side.values()),
+        "background_cpu": background,
+        "times_s": {name: [round(t, 6) for t in ts] for name, ts in times.items()},
+        "recompile_times_s": {name: [round(t, 6) for t in ts] for name, ts in recompile.items()},
+    }
+
+
+def _add_floor(row: dict[str, Any], bandwidth_gbps: float | None) -> None:
+    """Adds `floor_step_ms` and `bandwidth_fraction` (None without a bandwidth or a step time)."""
+    floor = None if not bandwidth_gbps else row["bytes_per_step"]["total"] / (bandwidth_gbps * 1e9)
+    row["floor_step_ms"] = None if floor is None else round(floor * 1e3, 6)
+    step = row["ours_step_ms"]
+    row["bandwidth_fraction"] = None if floor is None or not step else round(floor * 1e3 / step, 4)
+
+
+def _targets_met(rows: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    met = {}
+    for row in rows:
+        if (target := TARGET_SPEEDUP.get(row["batch"])) is not None:
+            met[f"speedup_b{row['batch']}"] = row["speedup"] >= target
+        if row["batch"] == 1:
+            met["bandwidth_fraction_b1"] = (row["bandwidth_fraction"] or 0.0) >= TARGET_BANDWIDTH_FRACTION
+    return met
+
+
+def format_decode_table(result: dict[str, Any]) -> str:
+    """A readable table of `run_decode_bench`'s result."""
+    env, impls = result["env"], result["torch"]["attn_implementations"]
+    probes = ", ".join(f"{k} {v:.1f}" for b in result["bandwidth"] for k, v in b.items() if k not in ("best", "gib"))
+    bandwidth = "not measured" if result["bandwidth_gbps"] is None else f"{result['bandwidth_gbps']:.1f} GB/s"
+    side_names = [f"{kind}_{impl}" for impl in impls for kind in ("generate", "static")]
+    lines = [
+        f"decode bench {result['model']} ({result['dtype']}): {result['prompt_len']}-token prompts + "
+        f"{result['new_tokens']} greedy tokens/row, median of {result['repeats']} (after {result['warmup']} warm-up)",
+        f"ours: generate() on jax {env['jax']} {env['jax_backend']}, scan_layers={result['ours']['scan_layers']}; "
+        f"torch {env['torch']} ({env['torch_num_threads']} threads, {env['cpu_count']} CPUs), transformers "
+        f"{env['transformers']}",
+        f"memory bandwidth {bandwidth} (best of: {probes or 'none'}); floor at mean cache length "
+        f"{result['mean_cache_length']:g}",
+        f"{'batch':>5} {'compile_s':>9} {'ours':>8} " + " ".join(f"{n:>14}" for n in side_names)
+        + f" {'speedup':>7} {'step_ms':>8} {'floor_ms':>8} {'bw_frac':>7} {'match':>5} {'busy':>5}",
+    ]
+    for row in result["batches"]:
+        tps = row["tokens_per_s"]
+        busy = "n/a" if row.get("background_cpu") is None else f"{row['background_cpu']:.0%}"
+        lines.append(
+            f"{row['batch']:>5} {row['compile_s']:>9.2f} {tps['ours']:>8.1f} "
+            + " ".join(f"{tps[n]:>14.1f}" for n in side_names)
+            + f" {row['speedup']:>7.3f} {_fmt(row['ours_step_ms'], 8, 2)} {_fmt(row['floor_step_ms'], 8, 2)} "
+            f"{_fmt(row['bandwidth_fraction'], 7, 3)} {'yes' if row['tokens_match'] else 'no':>5} {busy:>5}"
+        )
+    lines.append("tokens/s per side; speedup = ours / best PyTorch side; step_ms = our decode step "
+                 "((ours - ours_1) / (new_tokens - 1)); floor_ms = bytes per step / bandwidth; bw_frac = floor / step")
+    targets = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["targets_met"].items())
+    lines.append(f"targets: speedup b1 >= {TARGET_SPEEDUP[1]}, b8 >= {TARGET_SPEEDUP[8]}, bandwidth fraction b1 >= "
+                 f"{TARGET_BANDWIDTH_FRACTION} ({targets or 'none apply'}); tokens match transformers generate: "
+                 f"{result['tokens_match']}; ok: {result['ok']}")
+    for row in result["batches"]:
+        if not row["tokens_match"]:
+            lines.append(f"batch {row['batch']}: leading ids that agree per row: {row['agree_prefix']} of "
+                         f"{result['new_tokens']}")
+    if recompiled := [row for row in result["batches"] if row["recompile_s"] > 0.001]:
+        lines.append("warning: generate() compiled again inside timed calls ("
+                     + ", ".join(f"batch {row['batch']}: {row['recompile_s']:.2f} s/call" for row in recompiled)
+                     + "); that time is subtracted from ours, but it is a real per-call cost of generate() today")
+    busiest = max(row.get("background_cpu") or 0.0 for row in result["batches"])
+    if busiest > BUSY_WARNING:
+        lines.append(f"warning: other processes used up to {busiest:.0%} of the CPUs while timing; the figures are "
+                     "noisy: rerun on a quiet machine")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, width: int, digits: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
