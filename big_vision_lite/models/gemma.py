@@ -31,6 +31,7 @@ from big_vision_lite.models.lora import LoRAConfig, lora_einsum
 
 ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
 LAYER_TYPES = ("full", "sliding")
+VOCAB_MAJOR_ROWS = 64  # up to this many rows (B * T), the logits are computed vocabulary-major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,13 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         table = self.input_embedding if self.config.tie_embeddings else self.output_embedding
-        logits = jnp.einsum("BTD,VD->BTV", x, table.astype(self.dtype), preferred_element_type=jnp.float32)
+        if x.shape[0] * x.shape[1] <= VOCAB_MAJOR_ROWS:
+            # Few rows (decoding): XLA's CPU dot runs ~20% faster at 8 rows when the vocabulary is the leading
+            # output axis; moving it last afterwards copies only B * T * V floats.
+            logits = jnp.einsum("VD,BTD->VBT", table.astype(self.dtype), x, preferred_element_type=jnp.float32)
+            logits = jnp.moveaxis(logits, 0, -1)  # [B, T, V]
+        else:
+            logits = jnp.einsum("BTD,VD->BTV", x, table.astype(self.dtype), preferred_element_type=jnp.float32)
         if (cap := self.config.final_logit_softcap) is not None:
             logits = jnp.tanh(logits / cap) * cap
         return logits
