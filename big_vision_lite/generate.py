@@ -84,10 +84,16 @@ def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCach
         return _LoopState(s.step + 1, token, cache, key_valid, s.position + 1, out, done, s.rng)
 
     batch = first.shape[0]
+    if not getattr(module, "scan_layers", True):
+        # Unrolled layers decode from per-layer buffers, each updated in place (no restacking per step).
+        cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))
     state = _LoopState(jnp.asarray(0, jnp.int32), first, cache, key_valid, position + 1,
                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng)
     final = jax.lax.while_loop(cond, body, state)
-    return final.out, final.done, final.cache
+    cache = final.cache
+    if isinstance(cache.k, tuple):
+        cache = cache._replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
+    return final.out, final.done, cache
 
 
 def generate(

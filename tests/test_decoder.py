@@ -223,3 +223,23 @@ def test_config_rejects_inconsistent_settings():
         dataclasses.replace(SMALL, sliding_window=None)
     with pytest.raises(ValueError, match="activation 'relu'"):
         dataclasses.replace(SMALL, activation="relu")
+
+
+def test_per_layer_cache_equals_stacked_cache(tiny_checkpoints):
+    """The decode loop's per-layer (tuple) cache gives the stacked cache's logits and keys; scanned layers refuse it."""
+    module, params, cfg = load_decoder(tiny_checkpoints["gemma2"], scan_layers=False)
+    tokens, mask = parity_batch(cfg.vocab_size, 12)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    positions = positions_from_mask(mask)
+    _, cache, _ = _apply(module, params, tokens[:, :-1], positions[:, :-1], prefill_mask(mask[:, :-1]))
+    fixed = cache.with_capacity(tokens.shape[1])
+    per_layer = fixed._replace(k=tuple(fixed.k), v=tuple(fixed.v))
+    step = (tokens[:, -1:], positions[:, -1:], causal_mask(positions[:, -1:], positions, mask))
+    stacked_logits, stacked, _ = _apply(module, params, *step, fixed)
+    tuple_logits, tupled, _ = _apply(module, params, *step, per_layer)
+    np.testing.assert_array_equal(tuple_logits, stacked_logits)
+    assert isinstance(tupled.k, tuple) and len(tupled.k) == cfg.depth
+    np.testing.assert_array_equal(jnp.stack(tupled.k), stacked.k)
+    scanned, scanned_params, _ = load_decoder(tiny_checkpoints["gemma2"], scan_layers=True)
+    with pytest.raises(ValueError, match=r"per-layer \(tuple\) cache needs scan_layers=False"):
+        scanned.apply({"params": scanned_params}, *step, per_layer)

@@ -97,6 +97,9 @@ class DecoderConfig:
 class KVCache(NamedTuple):
     """A whole decoder's cache: k, v [L, B, S, K, H] and the keys' positions [B, S].
 
+    With unrolled layers k and v may also be tuples of L arrays [B, S, K, H] (what the decode loop carries, so
+    that each step updates every layer's buffer in place instead of restacking all of them).
+
     `index` None: a concatenation cache, grown by every call. `index` an int32 scalar: a fixed-capacity cache
     whose slots from `index` on are free; a call writes its T tokens there and advances `index` by T. Which
     slots hold real keys is the caller's key mask (`attn_mask`), so free slots are never attended.
@@ -300,18 +303,28 @@ class Decoder(nn.Module):
         if first.is_sliding.any():
             sliding_mask = attn_mask & window_mask(positions, key_positions, first.sliding_window)
         per_layer = {"sliding": jnp.asarray(first.is_sliding), "inv_freq": jnp.asarray(first.inv_freq)}
-        if cache is not None:
+        layer_list_cache = cache is not None and isinstance(cache.k, tuple)
+        if cache is not None and not layer_list_cache:
             per_layer |= {"k": cache.k, "v": cache.v}
 
         if self.scan_layers:
+            if layer_list_cache:
+                raise ValueError("a per-layer (tuple) cache needs scan_layers=False; stack it for scanned layers")
             xs, ys = self.layers(list(xs), per_layer, positions, attn_mask, sliding_mask, index)
         else:
             outs = []
             for i, block in enumerate(self.layers):
                 layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
+                if layer_list_cache:
+                    layer |= {"k": cache.k[i], "v": cache.v[i]}
                 xs, y = block(list(xs), layer, positions, attn_mask, sliding_mask, index)
                 outs.append(y)
-            ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            extras = [{name: a for name, a in y.items() if name not in ("k", "v")} for y in outs]
+            ys = jax.tree.map(lambda *a: jnp.stack(a), *extras)
+            if layer_list_cache:  # kept per layer: each step updates every layer's buffers in place, no restacking
+                ys |= {"k": tuple(y["k"] for y in outs), "v": tuple(y["v"] for y in outs)}
+            else:
+                ys |= {"k": jnp.stack([y["k"] for y in outs]), "v": jnp.stack([y["v"] for y in outs])}
 
         xs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
         out = {"final": xs[0]}
