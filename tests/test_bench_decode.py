@@ -43,6 +43,9 @@ def test_json_contract(result):
     assert result["env"]["torch_num_threads"] == result["env"]["cpu_count"] >= 1
     assert [row["batch"] for row in result["batches"]] == list(BATCHES)
     assert result["bandwidth_gbps"] > 0 and len(result["bandwidth"]) == 1 + len(BATCHES)  # before, after each batch
+    probes = [p[k] for p in result["bandwidth"] for k in ("jax_matvec", "torch_sum")]
+    assert result["bandwidth_gbps"] == pytest.approx(np.median(probes), abs=0.01)  # the floor uses the median
+    assert result["bandwidth_max_gbps"] == max(probes)
     json.dumps(result)  # the CLI writes it as JSON
 
 
