@@ -192,7 +192,7 @@ def generate_text(
 
     with timed() as load:
         tokenizer = load_tokenizer(model)
-        module, params, _ = load_decoder(model, dtype)
+        module, params, _ = load_decoder(model, dtype, scan_layers=False)  # what the decode loop runs
     tokens, mask = left_pad(tokenizer.encode_batch(prompts), tokenizer.pad_id)
     with timed() as run:
         result = generate(module, params, tokens, mask, max_new_tokens, sampler=sampler, rng=jax.random.key(seed),

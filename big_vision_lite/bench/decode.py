@@ -42,8 +42,7 @@ import copy
 import functools
 import gc
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -58,14 +57,13 @@ from big_vision_lite.bench.forward import (
     cpu_counters,
     environment,
     interleaved_times,
+    load_both_sides,
     loadavg,
     peak_rss_gib,
 )
-from big_vision_lite.checkpoints import load_decoder
-from big_vision_lite.checkpoints.packaged import resolve_model_path
 from big_vision_lite.generate import generate
 from big_vision_lite.models.gemma import DecoderConfig
-from big_vision_lite.parity import load_reference
+from big_vision_lite.timing import CompileSpans
 
 TARGET_SPEEDUP = {1: 1.5, 8: 2.0}  # ours / best PyTorch tokens/s, per batch size
 TARGET_BANDWIDTH_FRACTION = 0.6  # at batch 1: floor_step_ms / our step time
@@ -73,40 +71,7 @@ DEFAULT_ATTN_IMPLEMENTATIONS = ("sdpa",)
 # Decode is dominated by per-step weight reads: with scanned layers the while loop slices (copies) every layer's
 # weights out of the stacked arrays on every step; unrolled it does not (~33 against ~60 ms/step on gemma3-270m).
 DEFAULT_SCAN_LAYERS = False
-COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
 BANDWIDTH_GIB = 1.0
-
-
-class CompileSpans:
-    """Collects the time spans in which JAX traced, lowered or compiled (via `jax.monitoring`) while registered."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []
-
-    def _listener(self, event: str, start_time: float, end_time: float, **_: Any) -> None:
-        if event in COMPILE_EVENTS:
-            self.spans.append((start_time, end_time))
-
-    @contextmanager
-    def recording(self) -> Iterator["CompileSpans"]:
-        jax.monitoring.register_event_time_span_listener(self._listener)
-        try:
-            yield self
-        finally:
-            jax.monitoring.unregister_event_time_span_listener(self._listener)
-
-    def seconds_since(self, first: int) -> float:
-        """Length of the union of the spans from index `first` on (nested spans count once)."""
-        total, end = 0.0, -np.inf
-        for start, stop in sorted(self.spans[first:]):
-            if stop > end:
-                total += stop - max(start, end)
-                end = stop
-        return total
 
 
 def measure_bandwidth(gib: float = BANDWIDTH_GIB, repeats: int = 5) -> dict[str, float]:
@@ -260,17 +225,7 @@ def run_decode_bench(
     torch.set_num_threads(threads)
     try:
         bandwidth = [measure_bandwidth(bandwidth_gib, bandwidth_repeats)] if bandwidth_gib > 0 else []
-        path = str(resolve_model_path(str(model)))
-        load_s: dict[str, float] = {}
-        t0 = time.perf_counter()
-        module, params, cfg = load_decoder(path, dtype, scan_layers=scan_layers)
-        jax.block_until_ready(params)
-        load_s["ours"] = time.perf_counter() - t0
-        refs = {}
-        for impl in attn_implementations:
-            t0 = time.perf_counter()
-            refs[impl] = load_reference(path, dtype, attn_implementation=impl)
-            load_s[impl] = time.perf_counter() - t0
+        module, params, cfg, refs, load_s = load_both_sides(model, dtype, scan_layers, attn_implementations)
         pad_id = 0
         configs = {impl: _generation_config(ref, new_tokens, pad_id) for impl, ref in refs.items()}
         cache_length = mean_cache_length(prompt_len, new_tokens)

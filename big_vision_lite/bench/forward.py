@@ -161,6 +161,24 @@ def environment(torch_threads: int, compiler_options: Mapping[str, Any]) -> dict
     }
 
 
+def load_both_sides(model: str, dtype: str, scan_layers: bool,
+                    attn_implementations: Sequence[str]) -> tuple[Any, Any, Any, dict[str, Any], dict[str, float]]:
+    """Our (module, params, cfg) and a transformers model per attention implementation, all read from the same HF
+    folder (a packaged name resolves to its converted folder), with the seconds each load took."""
+    path = str(resolve_model_path(str(model)))
+    load_s: dict[str, float] = {}
+    t0 = time.perf_counter()
+    module, params, cfg = load_decoder(path, dtype, scan_layers=scan_layers)
+    jax.block_until_ready(params)
+    load_s["ours"] = time.perf_counter() - t0
+    refs = {}
+    for impl in attn_implementations:
+        t0 = time.perf_counter()
+        refs[impl] = load_reference(path, dtype, attn_implementation=impl)
+        load_s[impl] = time.perf_counter() - t0
+    return module, params, cfg, refs, load_s
+
+
 def run_forward_bench(
     model: str,
     *,
@@ -198,17 +216,7 @@ def run_forward_bench(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        path = str(resolve_model_path(str(model)))
-        load_s: dict[str, float] = {}
-        t0 = time.perf_counter()
-        module, params, cfg = load_decoder(path, dtype, scan_layers=scan_layers)
-        jax.block_until_ready(params)
-        load_s["ours"] = time.perf_counter() - t0
-        refs = {}
-        for impl in TORCH_IMPLS:
-            t0 = time.perf_counter()
-            refs[impl] = load_reference(path, dtype, attn_implementation=impl)
-            load_s[impl] = time.perf_counter() - t0
+        module, params, cfg, refs, load_s = load_both_sides(model, dtype, scan_layers, TORCH_IMPLS)
 
         n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
         tolerance = TOLERANCES[(dtype, "tiny" if n_params < TINY_PARAMS else "real")]
