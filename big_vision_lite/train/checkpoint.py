@@ -1,0 +1,93 @@
+"""Orbax checkpoints of a training state: every N steps, the last k kept, never a partial one as the latest.
+
+A checkpoint is a folder `DIR/checkpoints/<step>` holding `state` (the pytree: params, optimizer state, step, RNG)
+and `meta` (JSON: the data position and anything else the loop needs to resume). Orbax writes each one into a
+temporary folder and renames it only once complete, so a crash (even `kill -9`) mid-write leaves the previous
+checkpoint as the latest; leftover temporary folders are removed on the next start.
+
+Restoring tries the latest step first. A checkpoint that fails to restore (truncated or deleted files) is moved
+to `DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried.
+"""
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class Checkpointer:
+    """Saves a state pytree plus JSON metadata; restores the newest one that reads back."""
+
+    def __init__(self, workdir: str | Path, every: int, keep: int, asynchronous: bool = True):
+        if every < 1:
+            raise ValueError(f"ckpt_every must be >= 1, got {every}")
+        if keep < 1:
+            raise ValueError(f"keep_ckpts must be >= 1, got {keep}")
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINT_DIR
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # the loop decides when; the manager must not skip a forced final save
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=asynchronous)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts writing (asynchronously); the previous save is finished first."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+        `abstract_state` gives the shapes, dtypes and shardings to restore into (jax.ShapeDtypeStruct leaves).
+        """
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                _check_same_structure(abstract_state, restored.state, step)
+                return step, restored.state, dict(restored.meta)
+            except Exception as error:  # any failure to read means this checkpoint is unusable
+                self._set_aside(step, error)
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        source = self.directory / str(step)
+        target = self.workdir / CORRUPT_DIR / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(source, target)
+        self.manager.reload()
+        warnings.warn(f"checkpoint {source} cannot be restored ({type(error).__name__}: {str(error)[:200]}); "
+                      f"moved to {target}, falling back to the previous checkpoint", stacklevel=3)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_same_structure(expected: Any, restored: Any, step: int) -> None:
+    if jax.tree.structure(expected) != jax.tree.structure(restored):
+        raise ValueError(f"checkpoint step {step} holds a different state structure than this config builds")
+
+
+def abstract_like(state: Any) -> Any:
+    """Shape, dtype and sharding of every leaf: what `restore_latest` restores into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

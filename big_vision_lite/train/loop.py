@@ -1,0 +1,218 @@
+"""The training loop every task shares: sharded state, a jitted donated step, checkpoints, metrics, resume.
+
+A task (SigLIP, PaliGemma) supplies only what differs: how to build and initialise its parameters, its loss and
+gradients for one batch, its data from a given step on, and its evaluation. Everything else lives here once:
+
+* state = {step, params, opt_state, rng}, placed on a `data x fsdp` mesh by the config's sharding rules;
+* `train_step(state, batch) -> (state, metrics)` jitted with the state donated, compiled ahead of the first step
+  (its compile time is reported apart from examples/s);
+* the step's RNG is `fold_in(rng, step)`, and the data position is the step, so a resumed run sees exactly the
+  batches and randomness an uninterrupted one would;
+* checkpoints every `ckpt_every` steps and at the end (orbax, last `keep_ckpts` kept); re-running the same
+  command resumes from the newest readable checkpoint;
+* metrics are fetched from the device only at log, eval and checkpoint steps; a non-finite loss or gradient
+  norm among them stops the run before anything after it is saved, so the last checkpoint is a good one.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from big_vision_lite.checkpoints.atomic import write_text_atomic
+from big_vision_lite.train.checkpoint import Checkpointer
+from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
+from big_vision_lite.train.optimizer import make_optimizer, make_schedule
+from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
+
+LOOP_KEYS = ("seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or inf; the run stopped without saving past it."""
+
+
+class Task(Protocol):
+    """What a model family brings to the shared loop."""
+
+    eval_keys: tuple[str, ...]  # metric names `evaluate` returns, plotted at the end
+
+    def init_params(self, rng: jax.Array) -> Any:
+        """Fresh parameters (traced under jit: no side effects)."""
+
+    def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        """(loss, metrics, gradients w.r.t. params) for one global batch (traced under jit)."""
+
+    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """Host batches of the global batch size; the first one is the batch of `start_step`."""
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Held-out metrics of `params`."""
+
+    def report(self) -> dict[str, Any]:
+        """End-of-run facts about the data (e.g. images skipped as unreadable)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    start_step: int  # 0 for a fresh run, the restored checkpoint's step on resume
+    final_step: int
+    final_eval: dict[str, float]
+    compile_s: float
+    train_s: float
+    examples_per_s: float
+    data_report: dict[str, Any]
+
+
+def check_loop_config(config: ml_collections.ConfigDict) -> None:
+    missing = [k for k in LOOP_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config lacks {', '.join(missing)}")
+    for key in ("total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"config.{key} must be an int >= 1, got {config[key]!r}")
+
+
+def _new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict[str, Any]:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
+def _make_step(task: Task, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, Any]]:
+        rng = jax.random.fold_in(state["rng"], state["step"])  # a function of the step: resumes reproduce it
+        loss, metrics, grads = task.train_grads(state["params"], batch, rng)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, lr=schedule(state["step"]), grad_norm=optax.tree.norm(grads))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+    return train_step
+
+
+class _PendingMetrics:
+    """Per-step metrics left on the device until a log, eval or checkpoint step needs them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, dict[str, jax.Array]]] = []
+
+    def fetch(self) -> list[tuple[int, dict[str, float]]]:
+        fetched = jax.device_get(self.items)
+        self.items = []
+        for step, metrics in fetched:
+            for key in ("loss", "grad_norm"):
+                if not np.isfinite(metrics[key]):
+                    raise NonFiniteLossError(f"{key} is {metrics[key]} at step {step}")
+        return [(step, {k: float(v) for k, v in metrics.items()}) for step, metrics in fetched]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, *, stop_at: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Trains (or resumes) `config` in `workdir` until `total_steps` (or `stop_at`, for notebooks and tests).
+
+    `task_factory(config, workdir, mesh) -> Task` builds the task; the loop owns everything else.
+    """
+    check_loop_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
+    mesh = make_mesh(**config.mesh.to_dict())
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.devices.size} devices")
+    task = task_factory(config, workdir, mesh)
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    schedule = make_schedule(config.optimizer, config.total_steps)
+    rules = [tuple(rule) for rule in config.sharding_rules]
+
+    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_fn = lambda rng: _new_state(task.init_params(rng), optimizer, loop_rng)  # noqa: E731
+    state_shape = jax.eval_shape(init_fn, init_rng)
+    shardings = tree_shardings(state_shape, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings)
+
+    checkpointer = Checkpointer(workdir, config.ckpt_every, config.keep_ckpts)
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        start_step, state = 0, jax.jit(init_fn, out_shardings=shardings)(init_rng)
+    else:
+        start_step, state, meta = restored
+        if meta.get("data_position") != start_step:
+            raise ValueError(f"checkpoint {start_step}: data_position {meta.get('data_position')} != its step")
+    last_step = min(config.total_steps, stop_at or config.total_steps)
+    log = MetricsLog(workdir, start_step)
+    pending = _PendingMetrics()
+
+    step_fn = jax.jit(_make_step(task, optimizer, schedule), in_shardings=(shardings, batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    batches = task.batches(start_step)
+    final_eval: dict[str, float] = {}
+    compile_s = train_s = 0.0
+    examples = 0
+    bar = tqdm(total=config.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+    try:
+        step = start_step
+        compiled = None
+        interval_start, interval_steps = time.perf_counter(), 0
+        while step < last_step:
+            batch = shard_batch(next(batches), mesh)
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = step_fn.lower(state, batch).compile()
+                compile_s = time.perf_counter() - t0
+                interval_start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            step += 1
+            interval_steps += 1
+            pending.items.append((step, metrics))
+            is_log = step % config.log_every == 0 or step == last_step
+            is_eval = step % config.eval_every == 0 or step == config.total_steps
+            is_ckpt = checkpointer.due(step) or step == last_step
+            if not (is_log or is_eval or is_ckpt):
+                continue
+            records = pending.fetch()  # raises on a non-finite loss before anything is saved
+            elapsed = time.perf_counter() - interval_start
+            train_s += elapsed
+            examples += interval_steps * config.batch_size
+            speed = interval_steps * config.batch_size / max(elapsed, 1e-9)
+            if is_log:
+                record = {"step": step, **records[-1][1], "examples_per_s": speed}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_per_s=f"{speed:.0f}")
+            bar.update(interval_steps)
+            if is_eval:
+                final_eval = task.evaluate(state["params"])
+                log.write({"step": step, **final_eval})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in final_eval.items()))
+            if is_ckpt:
+                checkpointer.save(step, state, {"step": step, "data_position": step})
+            interval_start, interval_steps = time.perf_counter(), 0
+    except NonFiniteLossError as error:
+        checkpointer.wait()
+        steps = checkpointer.steps()
+        kept = f"{checkpointer.directory / str(steps[-1])}" if steps else "none (no checkpoint was written yet)"
+        raise NonFiniteLossError(f"{error}; stopping. Last good checkpoint: {kept}") from None
+    finally:
+        bar.close()
+        log.close()
+        checkpointer.close()
+    if step == config.total_steps and not final_eval:  # a finished run, re-run: report its evaluation again
+        final_eval = task.evaluate(state["params"])
+    if step == config.total_steps:
+        plot_curves(log.path, workdir / CURVES_FILE, task.eval_keys)
+    result = TrainResult(workdir=workdir, start_step=start_step, final_step=step, final_eval=final_eval,
+                         compile_s=compile_s, train_s=train_s, examples_per_s=examples / max(train_s, 1e-9),
+                         data_report=task.report())
+    write_text_atomic(workdir / RESULT_FILE, json.dumps(dataclasses.asdict(result), default=str, indent=2) + "\n")
+    return result

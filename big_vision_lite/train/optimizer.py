@@ -1,0 +1,50 @@
+"""The optimizer every task trains with: global-norm clipping, then AdamW on a warmup + cosine schedule.
+
+Weight decay applies to arrays with ndim >= 2 (kernels, embeddings): biases, norm scales and scalars such as
+SigLIP's temperature and bias are not decayed. `config` is the `optimizer` section of an experiment config.
+"""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZER_KEYS = ("lr", "warmup_steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm")
+
+
+def check_optimizer_config(config: ml_collections.ConfigDict, total_steps: int) -> None:
+    """Refuses settings that would silently train badly, naming the key and its allowed range."""
+    missing = [k for k in OPTIMIZER_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config.optimizer lacks {', '.join(missing)}")
+    if not config.lr > 0:
+        raise ValueError(f"optimizer.lr must be > 0, got {config.lr}")
+    if not 0 <= config.warmup_steps < total_steps:
+        raise ValueError(f"optimizer.warmup_steps must be in [0, total_steps={total_steps}), got {config.warmup_steps}")
+    if not 0 <= config.end_lr_fraction <= 1:
+        raise ValueError(f"optimizer.end_lr_fraction must be in [0, 1], got {config.end_lr_fraction}")
+    for key in ("b1", "b2"):
+        if not 0 <= config[key] < 1:
+            raise ValueError(f"optimizer.{key} must be in [0, 1), got {config[key]}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        raise ValueError(f"optimizer.clip_norm must be > 0 or None, got {config.clip_norm}")
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_fraction` at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps, decay_steps=total_steps,
+        end_value=config.lr * config.end_lr_fraction)
+
+
+def _decay_mask(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    check_optimizer_config(config, total_steps)
+    steps = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm is not None else []
+    steps.append(optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2,
+                             weight_decay=config.weight_decay, mask=_decay_mask))
+    return optax.chain(*steps)

@@ -1,0 +1,110 @@
+"""Device mesh and sharding rules shared by every training task (big_vision style).
+
+The mesh has two axes: `data` (pure data parallelism: parameters replicated) and `fsdp` (parameters, gradients and
+optimizer state sharded, batch sharded too). A batch is always split over both axes, so every device sees
+`global_batch / num_devices` examples. Parameters are placed by a table of `(regex, rule)` pairs matched in order
+against their '/'-joined path; the first match wins and unmatched parameters are replicated. A rule is:
+
+* `"fsdp"`: shard the parameter's largest axis that the `fsdp` axis size divides (replicate if none does);
+* `"replicate"`: a full copy on every device;
+* a tuple of mesh-axis names or None, one per array axis: an explicit `PartitionSpec`.
+
+The same code runs on one device (a 1x1 mesh) and on many; only the mesh shape changes.
+"""
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch axis of inputs and activations is split over every device
+
+Rule = tuple[str, str | tuple[str | None, ...]]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `data x fsdp` mesh over `devices` (default: all); -1 means "all devices left over"."""
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    if fsdp < 1 or count % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the {count} devices")
+    if data == -1:
+        data = count // fsdp
+    if data * fsdp != count:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {count} are available")
+    # Auto axes: jit inserts the collectives; JAX >= 0.10 would otherwise default to explicit sharding types.
+    return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """'/'-joined parameter path, e.g. `img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    if fsdp_size == 1:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):  # the largest axis first
+        if shape[axis] >= fsdp_size and shape[axis] % fsdp_size == 0:
+            spec: list[str | None] = [None] * len(shape)
+            spec[axis] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def spec_for(name: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh: Mesh) -> P:
+    """The PartitionSpec the first matching rule gives the parameter `name` of `shape`."""
+    for pattern, rule in rules:
+        if not re.search(pattern, name):
+            continue
+        if rule == "fsdp":
+            return _fsdp_spec(shape, mesh.shape["fsdp"])
+        if rule == "replicate":
+            return P()
+        if isinstance(rule, str):
+            raise ValueError(f"sharding rule {pattern!r}: unknown rule {rule!r} (use 'fsdp', 'replicate' or a tuple)")
+        if len(rule) != len(shape):
+            raise ValueError(f"sharding rule {pattern!r} -> {rule} has {len(rule)} axes, parameter {name} has "
+                             f"shape {shape}")
+        return P(*rule)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule]) -> Any:
+    """A `NamedSharding` for every array leaf of `tree` (params, or a state holding them), by path."""
+    def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        shape = tuple(np.shape(leaf))
+        return NamedSharding(mesh, spec_for(path_name(path), shape, rules, mesh))
+    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device, the other axes whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch on the mesh; the batch size must be a multiple of the device count."""
+    devices = mesh.devices.size
+    for key, value in batch.items():
+        if np.shape(value)[0] % devices:
+            raise ValueError(f"batch[{key!r}] has {np.shape(value)[0]} rows, not a multiple of the {devices} devices")
+    return jax.device_put(batch, batch_sharding(mesh))
+
+
+def constrain_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """Activation constraint inside jit: keep `x`'s leading axis split like the batch."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))

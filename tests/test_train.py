@@ -1,0 +1,183 @@
+"""The shared training loop, on a toy regression task: configs and overrides, sharding rules, resume equal to an
+uninterrupted run, checkpoint fallback, NaN stop, metrics file. SigLIP on top of it is tested in test_siglip_train."""
+
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from big_vision_lite.train.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR
+from big_vision_lite.train.config import ConfigError, apply_overrides, load_config
+from big_vision_lite.train.loop import NonFiniteLossError, train
+from big_vision_lite.train.metrics import METRICS_FILE, read_metrics
+from big_vision_lite.train.sharding import make_mesh, spec_for
+
+
+class ToyTask:
+    """Linear regression y = x @ w_true, batches a pure function of the step (as the real pipelines are)."""
+
+    eval_keys = ("eval/mse",)
+
+    def __init__(self, config, workdir, mesh):
+        self.batch_size = config.batch_size
+        self.w_true = np.linspace(-1, 1, 8 * 2, dtype=np.float32).reshape(8, 2)
+
+    def init_params(self, rng):
+        return {"dense": {"kernel": jax.random.normal(rng, (8, 2)) * 0.1, "bias": jnp.zeros((2,))}}
+
+    def _predict(self, params, x):
+        return x @ params["dense"]["kernel"] + params["dense"]["bias"]
+
+    def train_grads(self, params, batch, rng):
+        def loss_fn(p):
+            noise = 0.01 * jax.random.normal(rng, batch["y"].shape)  # uses the step RNG: resume must reproduce it
+            return jnp.mean((self._predict(p, batch["x"]) - batch["y"] - noise) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return loss, {"w_norm": jnp.linalg.norm(params["dense"]["kernel"])}, grads
+
+    def _batch(self, step):
+        x = np.random.default_rng(step).normal(size=(self.batch_size, 8)).astype(np.float32)
+        return {"x": x, "y": x @ self.w_true}
+
+    def batches(self, start_step):
+        step = start_step
+        while True:
+            yield self._batch(step)
+            step += 1
+
+    def evaluate(self, params):
+        batch = self._batch(10_000)
+        return {"eval/mse": float(jnp.mean((self._predict(params, batch["x"]) - batch["y"]) ** 2))}
+
+    def report(self):
+        return {"skipped_images": 0}
+
+
+def toy_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(dict(
+        seed=0, total_steps=12, batch_size=8, log_every=2, eval_every=6, ckpt_every=4, keep_ckpts=2,
+        mesh=dict(data=-1, fsdp=1), sharding_rules=[(".*", "fsdp")],
+        optimizer=dict(lr=0.2, warmup_steps=2, end_lr_fraction=0.1, weight_decay=1e-4, b1=0.9, b2=0.999,
+                       clip_norm=1.0)))
+    config.update(overrides)
+    return config
+
+
+def _params(workdir: Path) -> dict:
+    from big_vision_lite.train.checkpoint import Checkpointer
+    checkpointer = Checkpointer(workdir, every=1, keep=5)
+    mgr = checkpointer.manager
+    step = max(mgr.all_steps())
+    state = mgr.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+        state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+    checkpointer.close()
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def test_fresh_run_writes_metrics_checkpoints_and_plot(tmp_path):
+    result = train(toy_config(), tmp_path, ToyTask, progress=False)
+    assert (result.start_step, result.final_step) == (0, 12)
+    records = read_metrics(tmp_path / METRICS_FILE)
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == [2, 4, 6, 8, 10, 12]
+    for r in records:
+        if "loss" in r:
+            assert {"step", "loss", "lr", "examples_per_s", "grad_norm", "w_norm"} <= set(r)
+    assert [r["step"] for r in records if "eval/mse" in r] == [6, 12]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] / 5, losses  # it learns
+    assert sorted(int(p.name) for p in (tmp_path / CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == [8, 12]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 12
+    # the record of step n holds the lr step n trained with: warmup 0, 0.1 (record 2), then the cosine from 0.2
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lr[2] == pytest.approx(0.1, rel=1e-6) and lr[12] < lr[6] < 0.2
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    train(toy_config(), tmp_path / "straight", ToyTask, progress=False)
+    interrupted = tmp_path / "resumed"
+    first = train(toy_config(), interrupted, ToyTask, stop_at=6, progress=False)
+    assert first.final_step == 6
+    second = train(toy_config(), interrupted, ToyTask, progress=False)
+    assert second.start_step == 6 and second.final_step == 12
+    a, b = _params(tmp_path / "straight"), _params(interrupted)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    steps = [r["step"] for r in read_metrics(interrupted / METRICS_FILE) if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]  # one run's worth of records, none twice
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path):
+    train(toy_config(), tmp_path, ToyTask, stop_at=8, progress=False)  # checkpoints at 4 and 8
+    latest = tmp_path / CHECKPOINT_DIR / "8" / "state"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.name not in ("commit_success.txt",):
+            f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="cannot be restored"):
+        result = train(toy_config(), tmp_path, ToyTask, progress=False)
+    assert result.start_step == 4 and result.final_step == 12
+    assert (tmp_path / CORRUPT_DIR / "8").is_dir()  # set aside, not deleted
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = toy_config()
+    train(config, tmp_path, ToyTask, stop_at=4, progress=False)
+    config.optimizer.lr = 1e38  # the first update overflows the weights
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping. Last good checkpoint: .*4"):
+        train(config, tmp_path, ToyTask, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kept checkpoint restores cleanly
+        params = _params(tmp_path)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    assert sorted(int(p.name) for p in (tmp_path / CHECKPOINT_DIR).iterdir() if p.name.isdigit())[-1] == 4
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("import ml_collections\n"
+                    "def get_config(arg=None):\n"
+                    "    c = ml_collections.ConfigDict()\n"
+                    "    c.total_steps = 10 if arg is None else int(arg)\n"
+                    "    c.optimizer = dict(lr=1e-3, clip_norm=None)\n"
+                    "    c.name = 'x'\n"
+                    "    return c\n")
+    assert load_config(str(path)).total_steps == 10
+    config = load_config(f"{path}:7")
+    assert config.total_steps == 7
+    apply_overrides(config, ["total_steps=20", "optimizer.lr=1", "name=abc", "optimizer.clip_norm=0.5"])
+    assert config.total_steps == 20 and config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+    assert config.name == "abc" and config.optimizer.clip_norm == 0.5
+    with pytest.raises(ConfigError, match=r"optimizer.lrr: unknown config key; did you mean optimizer.lr"):
+        apply_overrides(config, ["optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match=r"total_steps=abc.*expected int"):
+        apply_overrides(config, ["total_steps=abc"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(config, ["total_steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.py"))
+
+
+def test_bad_loop_settings_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"config.batch_size must be an int >= 1, got 0"):
+        train(toy_config(batch_size=0), tmp_path, ToyTask, progress=False)
+    with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be in \[0, total_steps=12\), got 50"):
+        config = toy_config()
+        config.optimizer.warmup_steps = 50
+        train(config, tmp_path, ToyTask, progress=False)
+    with pytest.raises(ValueError, match=r"mesh.fsdp=3 must be >= 1 and divide"):
+        make_mesh(fsdp=3)
+
+
+def test_sharding_rules():
+    mesh = make_mesh()  # one CPU device: every rule resolves, fsdp degenerates to replication
+    assert spec_for("img/embedding/kernel", (4, 4, 3, 64), [(".*", "fsdp")], mesh) == P()
+    rules = [("pos_embedding", "replicate"), ("head/kernel", (None, "fsdp")), (".*", "fsdp")]
+    assert spec_for("img/head/kernel", (64, 32), rules, mesh) == P(None, "fsdp")
+    with pytest.raises(ValueError, match="has 2 axes, parameter x/head/kernel has shape"):
+        spec_for("x/head/kernel", (4, 4, 4), rules, mesh)
