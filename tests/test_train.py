@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_vision_lite.train.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR
+from big_vision_lite.train.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR, Checkpointer
 from big_vision_lite.train.config import ConfigError, apply_overrides, load_config
 from big_vision_lite.train.loop import NonFiniteLossError, train
 from big_vision_lite.train.metrics import METRICS_FILE, read_metrics
@@ -70,14 +71,12 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _params(workdir: Path) -> dict:
-    from big_vision_lite.train.checkpoint import Checkpointer
+    """The parameters of the newest checkpoint in `workdir`, as numpy."""
     checkpointer = Checkpointer(workdir, every=1, keep=5)
-    mgr = checkpointer.manager
-    step = max(mgr.all_steps())
-    state = mgr.restore(step, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
-        state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+    step = checkpointer.steps()[-1]
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     checkpointer.close()
-    return jax.tree.map(np.asarray, state["params"])
+    return jax.tree.map(np.asarray, restored["state"]["params"])
 
 
 def test_fresh_run_writes_metrics_checkpoints_and_plot(tmp_path):
