@@ -1,0 +1,331 @@
+"""SigLIP's vision tower (a big_vision ViT) and the pre-LayerNorm encoder it shares with the text tower.
+
+Axis letters: B batch, R image side (pixels), P patches (an image's tokens), T tokens (any sequence), S key tokens,
+D width, F mlp hidden, N heads, H head dim, L layers, E output (head) width.
+
+    images [B, R, R, 3] in [-1, 1] -> patch conv (kernel = stride = patch size) [B, R/p, R/p, D] -> [B, P, D]
+    -> + learned positions [1, P, D] -> L blocks -> encoder_norm -> pool -> optional linear head
+
+A block is pre-LayerNorm: `x + attn(ln_0(x))`, then `y + mlp(ln_1(y))`; attention and MLP carry biases, the MLP
+is Dense -> tanh-GELU -> Dense, LayerNorm eps is 1e-6 by default. Pooling: "map" (multi-head attention pooling
+with a learned probe: `h = attn(probe, x)`, out `h + mlp(ln(h))`, as HF's SiglipMultiheadAttentionPoolingHead),
+"gap" (token mean) or "none" (the tokens [B, P, D] themselves, what PaliGemma consumes).
+
+Params (big_vision names, so its checkpoints load): `embedding/{kernel [p, p, 3, D], bias [D]}`,
+`pos_embedding [1, P, D]`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0/{query, key,
+value, out}, LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}}` (scanned: `Transformer/encoderblock/...` with a leading
+L axis), `Transformer/encoder_norm/{scale, bias}`, `MAPHead_0/{probe [1, 1, D], MultiHeadDotProductAttention_0,
+LayerNorm_0, MlpBlock_0}`, `head/{kernel [D, E], bias [E]}`. Attention: query/key/value kernel [D, N, H] and
+bias [N, H]; out kernel [N, H, D] and bias [D].
+
+dtype policy: parameters are float32; `dtype` is the compute dtype. LayerNorm statistics, attention logits and the
+softmax are computed in float32, then cast back.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POOL_TYPES = ("map", "gap", "none")
+# big_vision's `decode_variant` (vit.py): name -> (width, depth, mlp_dim, num_heads).
+VARIANTS = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "G-opt": (1536, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def check_encoder_shape(kind: str, width: int, depth: int, mlp_dim: int, num_heads: int, dtype: str) -> None:
+    """The checks both towers' configs share: positive sizes, heads divide the width, a known dtype."""
+    for name, value in (("width", width), ("depth", depth), ("mlp_dim", mlp_dim), ("num_heads", num_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{kind}.{name} must be a positive int, got {value!r}")
+    if width % num_heads:
+        raise ValueError(f"{kind}.width {width} is not a multiple of {kind}.num_heads {num_heads}")
+    compute_dtype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """A ViT's sizes and switches. `head_size` None: no linear head (the pooled width D is the output)."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int = 16
+    image_size: int = 224
+    pool_type: str = "map"  # "map" | "gap" | "none" (tokens)
+    head_size: int | None = None
+    scan: bool = False  # blocks stacked under `Transformer/encoderblock` and run by nn.scan
+    remat: bool = False  # rematerialise each block in the backward pass (nothing_saveable)
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        check_encoder_shape("ViTConfig", self.width, self.depth, self.mlp_dim, self.num_heads, self.dtype)
+        if not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ValueError(f"ViTConfig.patch_size must be a positive int, got {self.patch_size!r}")
+        if not isinstance(self.image_size, int) or self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig.image_size {self.image_size!r} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"ViTConfig.pool_type {self.pool_type!r} is not one of {POOL_TYPES}")
+        if self.head_size is not None and (not isinstance(self.head_size, int) or self.head_size < 1):
+            raise ValueError(f"ViTConfig.head_size must be None or a positive int, got {self.head_size!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the tower's output (per image, or per token with pool_type "none")."""
+        return self.head_size or self.width
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """big_vision variant string ("B", "B/16", "So400m/14", ...) -> width, depth, mlp_dim, num_heads[, patch_size]."""
+    name, slash, patch = str(variant).partition("/")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ViT variant {variant!r}; valid names: {list(VARIANTS)}, optionally followed by "
+                         f"'/<patch size>' (e.g. 'B/16', 'So400m/14')")
+    out = dict(zip(("width", "depth", "mlp_dim", "num_heads"), VARIANTS[name], strict=True))
+    if slash:
+        if not patch.isdigit() or int(patch) < 1:
+            raise ValueError(f"ViT variant {variant!r}: patch size {patch!r} is not a positive integer")
+        out["patch_size"] = int(patch)
+    return out
+
+
+def make_config(cls: type, kind: str, fields: Mapping[str, Any]) -> Any:
+    """`cls(**fields)`, but unknown field names are a ValueError naming them (not a TypeError)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(fields) - known):
+        raise ValueError(f"unknown {kind} fields {unknown}; known: {sorted(known)}")
+    return cls(**fields)
+
+
+def vit_config(variant: str, **overrides: Any) -> ViTConfig:
+    """A `ViTConfig` from a big_vision variant string, e.g. `vit_config("So400m/14", image_size=384)`."""
+    return make_config(ViTConfig, "ViTConfig", {**decode_variant(variant), **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def layer_norm(eps: float, dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+    # Two-pass variance (as torch computes it); statistics in float32 whatever the input dtype.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+class MlpBlock(nn.Module):
+    """Dense_0 [D, F] -> tanh-GELU -> Dense_1 [F, D], both with biases."""
+
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
+                  bias_init=nn.initializers.normal(stddev=1e-6))
+        y = nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x)  # [B, T, F]
+        y = nn.gelu(y, approximate=True)
+        return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)  # [B, T, D]
+
+
+class MultiHeadAttention(nn.Module):
+    """Bidirectional multi-head attention with biases; queries from `xq` [B, T, D], keys and values from `xkv`
+    [B, S, D]. Logits and softmax in float32. Param names and shapes follow flax's MultiHeadDotProductAttention."""
+
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
+        d = xq.shape[-1]
+        n = self.num_heads
+        h = d // n
+        kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform())
+        q = nn.DenseGeneral((n, h), name="query", **kw)(xq)  # [B, T, N, H]
+        k = nn.DenseGeneral((n, h), name="key", **kw)(xkv)  # [B, S, N, H]
+        v = nn.DenseGeneral((n, h), name="value", **kw)(xkv)  # [B, S, N, H]
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, N, T, S]
+        y = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
+        return nn.DenseGeneral(d, axis=(-2, -1), name="out", **kw)(y)  # [B, T, D]
+
+
+class EncoderBlock(nn.Module):
+    """One pre-LayerNorm block. Returns (x, x or None): the second is what nn.scan stacks as per-layer output."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_0")(x)
+        y = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, y)
+        x = x + y
+        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_1")(x)
+        x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
+        return x, (x if self.return_hidden else None)
+
+
+class Encoder(nn.Module):
+    """L blocks then `encoder_norm`; both towers use it. Returns the normed tokens [B, T, D] and an `out` dict:
+    `pre_ln` (the last block's output) and, with `return_hidden`, `blocks` [L, B, T, D] (every block's output)."""
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+    scan: bool = False
+    remat: bool = False
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        block = EncoderBlock
+        if self.remat:
+            # prevent_cse is only needed outside scan (scan already keeps XLA from merging the recomputation).
+            block = nn.remat(block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=not self.scan)
+        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, norm_eps=self.norm_eps,
+                  return_hidden=self.return_hidden)
+        if self.scan:
+            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+            x, hidden = scanned(**kw, name="encoderblock")(x)  # hidden [L, B, T, D] or None
+        else:
+            outs = []
+            for i in range(self.depth):
+                x, h = block(**kw, name=f"encoderblock_{i}")(x)
+                outs.append(h)
+            hidden = jnp.stack(outs) if self.return_hidden else None
+        assert x.dtype == self.dtype, (x.dtype, self.dtype)  # a silent upcast would double activation memory
+        out = {"pre_ln": x}
+        if self.return_hidden:
+            out["blocks"] = hidden
+        return layer_norm(self.norm_eps, self.dtype, "encoder_norm")(x), out
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: a learned probe [1, 1, D] attends to the tokens, then a residual MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))  # [B, 1, D]
+        h = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
+        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_0")(h)
+        h = h + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)  # [B, 1, D]
+        return h[:, 0]  # [B, D]
+
+
+def encoder_from_config(cfg: Any, name: str, return_hidden: bool) -> Encoder:
+    """The Encoder of a ViTConfig or TextConfig (both carry the same encoder fields)."""
+    return Encoder(depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, dtype=compute_dtype(cfg.dtype),
+                   norm_eps=cfg.norm_eps, scan=cfg.scan, remat=cfg.remat, return_hidden=return_hidden, name=name)
+
+
+class ViT(nn.Module):
+    """`__call__(images [B, R, R, 3] in [-1, 1]) -> (x, out)`: x is [B, E] pooled (or [B, P, E] tokens with
+    pool_type "none"), E = head_size or D. `out`: `stem` [B, R/p, R/p, D], `with_posemb` [B, P, D], `pre_ln`,
+    `encoded` [B, P, D] (after encoder_norm), `pre_logits` (pooled, before the head), `logits` (after the head,
+    when there is one) and, with `return_hidden`, `blocks` [L, B, P, D]."""
+
+    config: ViTConfig
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.config
+        r, p = cfg.image_size, cfg.patch_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (r, r, 3):
+            raise ValueError(f"images have shape {tuple(images.shape)}; this ViT expects [B, {r}, {r}, 3] "
+                             f"(image_size {r}, channels last)")
+        dtype = compute_dtype(cfg.dtype)
+        out: dict[str, jax.Array] = {}
+        x = out["stem"] = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                                  param_dtype=jnp.float32, name="embedding")(images.astype(dtype))  # [B, R/p, R/p, D]
+        b, gh, gw, d = x.shape
+        x = jnp.reshape(x, (b, gh * gw, d))  # [B, P, D], row-major over the patch grid (as HF's flatten(2))
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, gh * gw, d),
+                         jnp.float32)
+        x = out["with_posemb"] = x + pos.astype(dtype)
+
+        x, enc = encoder_from_config(cfg, "Transformer", self.return_hidden)(x)
+        out |= enc
+        out["encoded"] = x  # [B, P, D]
+
+        if cfg.pool_type == "map":
+            x = MAPHead(cfg.num_heads, cfg.mlp_dim, dtype, cfg.norm_eps, name="MAPHead_0")(x)  # [B, D]
+        elif cfg.pool_type == "gap":
+            x = jnp.mean(x.astype(jnp.float32), axis=1).astype(dtype)  # [B, D]
+        out["pre_logits"] = x
+        if cfg.head_size is not None:
+            x = out["logits"] = nn.Dense(cfg.head_size, dtype=dtype, param_dtype=jnp.float32, name="head")(x)
+        return x, out
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def stack_encoder_blocks(encoder: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """Encoder params with `encoderblock_0 ... encoderblock_{L-1}` -> `encoderblock` [L, ...] (the scan layout)."""
+    encoder = dict(encoder)
+    blocks = [encoder.pop(f"encoderblock_{i}") for i in range(depth)]
+    encoder["encoderblock"] = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *blocks)
+    return encoder
+
+
+def unstack_encoder_blocks(encoder: Mapping[str, Any]) -> dict[str, Any]:
+    """Encoder params with `encoderblock` [L, ...] -> `encoderblock_0 ... encoderblock_{L-1}` (unrolled layout)."""
+    encoder = dict(encoder)
+    stacked = encoder.pop("encoderblock")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+        encoder[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return encoder
+
+
+def relayout_encoder(encoder: Mapping[str, Any], depth: int, scan: bool) -> dict[str, Any]:
+    """Encoder params in whichever layout they come, returned in the scanned (`scan`) or unrolled one."""
+    is_scanned = "encoderblock" in encoder
+    if scan and not is_scanned:
+        return stack_encoder_blocks(encoder, depth)
+    if not scan and is_scanned:
+        return unstack_encoder_blocks(encoder)
+    return dict(encoder)
