@@ -1,4 +1,4 @@
-"""The `bvl` command line: parity, generation, demo and benchmarks.
+"""The `bvl` command line: parity, generation, training, demo and benchmarks.
 
 Input errors (a bad checkpoint, an unknown model name, a bad option) print one line without a traceback and
 exit 2; a check that runs but fails (parity out of tolerance, a benchmark below target) exits 1.
@@ -70,6 +70,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status or generated
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from big_vision_lite.train import task_factory
+    from big_vision_lite.train.config import apply_overrides, load_config
+    from big_vision_lite.train.loop import NonFiniteLossError, train
+
+    config = apply_overrides(load_config(args.config), args.set or [])
+    try:
+        result = train(config, args.workdir, task_factory(config.get("task", "")))
+    except NonFiniteLossError as error:
+        print(f"bvl: training stopped: {error}", file=sys.stderr)
+        return 1
+    resumed = f" (resumed from step {result.start_step})" if result.start_step else ""
+    evals = ", ".join(f"{k} {v:.3f}" for k, v in result.final_eval.items())
+    print(f"trained {result.final_step} steps{resumed} in {args.workdir}: {evals}; "
+          f"{result.examples_per_s:.0f} examples/s, compile {result.compile_s:.1f} s; "
+          f"skipped images: {result.data_report.get('skipped_images', 0)}")
+    return 0
+
+
 def cmd_bench_forward(args: argparse.Namespace) -> int:
     from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
 
@@ -116,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=f"the main job: parity of {DEMO_MODEL} against PyTorch")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train (or resume) an experiment config in a workdir")
+    p.add_argument("config", help="a config file with get_config(arg=None), e.g. configs/siglip_shapes.py[:arg]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and plots go here; re-run to resume")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks: ours and the PyTorch peer in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,210 @@
+"""SigLIP as a task of the shared training loop: the two-tower model, the sigmoid loss and zero-shot retrieval.
+
+Axis letters: B global batch, A accumulation micro-batches, E embedding width, S image side, L text length.
+
+* Data: `config.data` names the generated shapes dataset (`name="shapes"`, held-out attribute combinations as the
+  evaluation split) or captioned images on disk (`name="folder"`: JSONL/CSV; `name="tar"`: webdataset shards),
+  each with a held-out evaluation source.
+* Tokenizer: `config.text.tokenizer` (a folder or file `load_tokenizer` reads) or, when None, a subword tokenizer
+  trained on the captions; either way it is saved in `DIR/tokenizer` and reused on resume.
+* Loss: `config.loss.impl` = dense, blocked (one device, O(B x block) memory) or ring (shard_map over the mesh).
+* Gradient accumulation (`config.accum_steps` > 1) is exact: the loss couples every pair in the batch, so the
+  embeddings of all micro-batches are computed first (no gradient), the loss and its gradient w.r.t. the
+  embeddings are taken on the full batch, and each micro-batch's encoders are then re-run and back-propagated
+  with its slice of that gradient (GradCache). Peak activation memory is one micro-batch's.
+"""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from big_vision_lite.checkpoints.atomic import atomic_folder
+from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
+from big_vision_lite.data.shapes import ShapesSpec, shapes_source
+from big_vision_lite.data.sources import folder_source, tar_source
+from big_vision_lite.data.text import train_caption_tokenizer
+from big_vision_lite.losses import sigmoid_loss
+from big_vision_lite.models.two_towers import build_two_towers, init_params
+from big_vision_lite.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer
+from big_vision_lite.train.sharding import BATCH_AXES, constrain_batch
+
+TOKENIZER_DIR = "tokenizer"
+EVAL_KEYS = ("eval/i2t_top1", "eval/t2i_top1")
+TOKENIZER_FILES = (TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_sources(data: ml_collections.ConfigDict) -> tuple[Any, Any, Any | None]:
+    """(train source, held-out evaluation source, distractor source or None) of `config.data`.
+
+    Distractors only widen the candidate sets of retrieval. For the shapes data they are one image per trained
+    attribute combination, so a held-out image competes with every caption the generator can write, including
+    its colour with a trained shape: retrieval then fails unless the shape is read, not just the colour.
+    """
+    if data.name == "shapes":
+        spec = ShapesSpec(image_size=data.image_size, seed=data.seed, holdout_fraction=data.holdout_fraction)
+        return shapes_source(spec, "train"), shapes_source(spec, "test"), shapes_source(spec, "gallery")
+    if data.name in ("folder", "tar"):
+        make = folder_source if data.name == "folder" else tar_source
+        if not data.get("path") or not data.get("eval_path"):
+            raise ValueError(f"data.name={data.name!r} needs data.path and data.eval_path (the held-out split)")
+        return make(data.path), make(data.eval_path), None
+    raise ValueError(f"data.name must be shapes, folder or tar, got {data.name!r}")
+
+
+def caption_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_source: Any) -> Tokenizer:
+    """The run's tokenizer: the one saved in `workdir` (resume), a given one, or one trained on the captions."""
+    saved = workdir / TOKENIZER_DIR
+    if saved.is_dir():
+        return load_tokenizer(str(saved))
+    if config.text.tokenizer:
+        load_tokenizer(config.text.tokenizer)  # refuse an unreadable one before copying it
+        source = Path(config.text.tokenizer)
+        with atomic_folder(saved) as tmp:
+            if source.is_dir():
+                for name in TOKENIZER_FILES:
+                    if (source / name).is_file():
+                        shutil.copy2(source / name, tmp / name)
+            else:
+                shutil.copy2(source, tmp / (TOKENIZER_FILE if source.suffix == ".json" else SENTENCEPIECE_FILE))
+        return load_tokenizer(str(saved))
+    return train_caption_tokenizer(train_source.captions(), saved, vocab_size=config.text.vocab_size)
+
+
+class SiglipTask:
+    """The two-tower model trained with the sigmoid loss; evaluated by zero-shot retrieval on held-out pairs."""
+
+    eval_keys = EVAL_KEYS
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        self.train_source, self.eval_source, self.distractors = make_sources(config.data)
+        self.tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
+        model = config.model.to_dict()
+        model["image"]["image_size"] = config.data.image_size  # one source of truth for the image side
+        model["text"] |= {"vocab_size": self.tokenizer.vocab_size, "max_len": config.text.max_len}
+        self.model = build_two_towers(model)
+        if config.batch_size % config.accum_steps:
+            raise ValueError(f"batch_size={config.batch_size} must be a multiple of accum_steps={config.accum_steps}")
+        self._loader = None
+        self._embed = jax.jit(self._embed_both)
+
+    # -- the loop's interface ---------------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return init_params(self.model, rng)
+
+    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        data = self.config.data
+        self._loader = make_train_loader(
+            self.train_source, batch_size=self.config.batch_size, image_size=data.image_size,
+            tokenizer=self.tokenizer, max_len=self.config.text.max_len, seed=self.config.seed,
+            start_step=start_step, worker_count=data.workers)
+        for batch in self._loader:
+            yield {"image": batch["image"], "text": batch["text"]}
+
+    def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        del rng  # no dropout: SigLIP trains deterministically
+        if self.config.accum_steps == 1:
+            def loss_fn(p):
+                zimg, ztxt, out = self.model.apply({"params": p}, batch["image"], batch["text"])
+                loss, stats = self._loss(zimg, ztxt, out["t"][0], out["b"][0])
+                return loss, (stats, out["t"][0], out["b"][0])
+            (loss, (stats, t, b)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        else:
+            loss, stats, t, b, grads = self._accumulated_grads(params, batch)
+        metrics = {f"logits/{k}": v for k, v in stats.items()} | {"t": t, "b": b}
+        return loss, metrics, grads
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Zero-shot retrieval of the held-out pairs, top-1 image -> caption and caption -> image, among the
+        held-out pairs plus the distractors."""
+        queries = self._embed_source(params, self.eval_source)
+        extra = self._embed_source(params, self.distractors) if self.distractors is not None else None
+        return retrieval_top1(*queries, distractors=extra)
+
+    def report(self) -> dict[str, Any]:
+        return {"skipped_images": self._loader.skipped if self._loader is not None else 0}
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _embed_source(self, params: Any, source: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(zimg [N, E], ztxt [N, E], captions) of every readable example of `source`."""
+        zimg, ztxt, captions = [], [], []
+        for batch in make_eval_batches(source, batch_size=self.config.batch_size,
+                                       image_size=self.config.data.image_size, tokenizer=self.tokenizer,
+                                       max_len=self.config.text.max_len):
+            zi, zt = self._embed(params, batch["image"], batch["text"])
+            keep = np.asarray(batch["mask"], bool)
+            zimg.append(np.asarray(zi)[keep])
+            ztxt.append(np.asarray(zt)[keep])
+            captions += [c for c, k in zip(batch["caption"], keep, strict=True) if k]
+        return np.concatenate(zimg), np.concatenate(ztxt), captions
+
+    def _embed_both(self, params: Any, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        zimg, ztxt, _ = self.model.apply({"params": params}, images, tokens)
+        return zimg, ztxt
+
+    def _loss(self, zimg: jax.Array, ztxt: jax.Array, t: jax.Array, b: jax.Array) -> tuple[jax.Array, dict]:
+        zimg, ztxt = constrain_batch(zimg, self.mesh), constrain_batch(ztxt, self.mesh)
+        loss = self.config.loss
+        return sigmoid_loss(zimg, ztxt, t, b, impl=loss.impl, block_size=loss.block_size, mesh=self.mesh,
+                            axis_name=BATCH_AXES)
+
+    def _accumulated_grads(self, params: Any, batch: dict[str, jax.Array]):
+        """Exact full-batch gradient with one micro-batch of activations at a time (see the module docstring)."""
+        steps = self.config.accum_steps
+        # Micro-batch a takes rows a, a+A, a+2A, ...: a strided split keeps every micro-batch spread over all
+        # devices (a contiguous split would put each one on a few devices only).
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, steps, *x.shape[1:]), 0, 1), batch)  # [A, B/A]
+
+        def embed(p, mb):
+            return self._embed_both(p, mb["image"], mb["text"])
+
+        zimg, ztxt = jax.lax.map(lambda mb: embed(params, mb), micro)  # [A, B/A, E] each
+        unsplit = lambda z: jnp.swapaxes(z, 0, 1).reshape(-1, z.shape[-1])  # noqa: E731  [B, E], original order
+        (t, b), scalars_vjp = jax.vjp(lambda p: tuple(v[0] for v in self._scalars(p)), params)
+        (loss, stats), (g_img, g_txt, g_t, g_b) = jax.value_and_grad(
+            self._loss, argnums=(0, 1, 2, 3), has_aux=True)(unsplit(zimg), unsplit(ztxt), t, b)
+        (grads,) = scalars_vjp((g_t, g_b))
+        split = lambda g: jnp.swapaxes(g.reshape(-1, steps, g.shape[-1]), 0, 1)  # noqa: E731  [A, B/A, E]
+
+        def add_micro_batch(acc, xs):
+            mb, gi, gt = xs
+            _, embed_vjp = jax.vjp(lambda p: embed(p, mb), params)
+            (g,) = embed_vjp((gi, gt))
+            return jax.tree.map(jnp.add, acc, g), None
+
+        grads, _ = jax.lax.scan(add_micro_batch, grads, (micro, split(g_img), split(g_txt)))
+        return loss, stats, t, b, grads
+
+    def _scalars(self, params: Any) -> tuple[jax.Array, jax.Array]:
+        _, _, out = self.model.apply({"params": params}, None, None)
+        return out["t"], out["b"]
+
+
+def retrieval_top1(zimg: np.ndarray, ztxt: np.ndarray, captions: list[str],
+                   distractors: tuple[np.ndarray, np.ndarray, list[str]] | None = None) -> dict[str, float]:
+    """Top-1 accuracy of retrieving each query image's caption and each query caption's image by cosine
+    similarity, among the queries plus the `distractors` (zimg, ztxt, captions), which are candidates only.
+
+    A retrieval counts as correct when the retrieved item carries the query's caption text, so duplicate
+    captions in real data do not count as errors.
+    """
+    all_img, all_txt, all_captions = zimg, ztxt, list(captions)
+    if distractors is not None:
+        all_img, all_txt = np.concatenate([zimg, distractors[0]]), np.concatenate([ztxt, distractors[1]])
+        all_captions += list(distractors[2])
+    labels = np.unique(np.asarray(all_captions), return_inverse=True)[1]
+    queries = labels[: len(captions)]
+    i2t = labels[(zimg @ all_txt.T).argmax(axis=1)] == queries  # [Q, N] similarities, best caption per image
+    t2i = labels[(ztxt @ all_img.T).argmax(axis=1)] == queries  # best image per caption
+    return {"eval/i2t_top1": float(i2t.mean()), "eval/t2i_top1": float(t2i.mean())}
+
