@@ -21,7 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt_every = 200
     c.keep_ckpts = 2
 
-    c.data = dict(name="shapes", image_size=32, seed=0, holdout_fraction=0.25, workers=0, path="", eval_path="")
+    # 8 colours x 5 shapes: 10 of the 40 (colour, shape) pairs held out, every colour still seen with 3-4 shapes.
+    c.data = dict(name="shapes", image_size=32, seed=0, holdout_fraction=0.25, workers=0, path="", eval_path="",
+                  colours=("red", "green", "blue", "yellow", "purple", "white", "orange", "cyan"),
+                  shapes=("circle", "square", "triangle", "cross", "diamond"))
     c.text = dict(tokenizer="", vocab_size=256, max_len=16)
     # out_dim: no linear head on the image side (the MAP head's output is the embedding) and a text head to the
     # image width: the layout transformers' SiglipModel has, so a trained model exports to it.

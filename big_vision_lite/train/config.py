@@ -50,8 +50,12 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[s
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
     """`text` as the type of the value `key` holds now (str values are taken verbatim)."""
-    if isinstance(current, str):
-        return text
+    if isinstance(current, str):  # verbatim, or the string a quoted literal ('ring', "a b") spells
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        return value if isinstance(value, str) else text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -48,7 +48,8 @@ def make_sources(data: ml_collections.ConfigDict) -> tuple[Any, Any, Any | None]
     its colour with a trained shape: retrieval then fails unless the shape is read, not just the colour.
     """
     if data.name == "shapes":
-        spec = ShapesSpec(image_size=data.image_size, seed=data.seed, holdout_fraction=data.holdout_fraction)
+        spec = ShapesSpec(image_size=data.image_size, seed=data.seed, holdout_fraction=data.holdout_fraction,
+                          colours=tuple(data.colours), shapes=tuple(data.shapes))
         return shapes_source(spec, "train"), shapes_source(spec, "test"), shapes_source(spec, "gallery")
     if data.name in ("folder", "tar"):
         make = folder_source if data.name == "folder" else tar_source
