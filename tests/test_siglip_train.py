@@ -94,7 +94,7 @@ def test_eight_devices_equal_one(tmp_path):
     device with the dense loss."""
     script = tmp_path / "dump.py"
     script.write_text(_DUMP_PARAMS)
-    common = ["total_steps=2", "eval_every=100", "ckpt_every=2"]
+    common = ["total_steps=2", "eval_every=100", "ckpt_every=2", "optimizer.warmup_steps=0"]
     env8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     runs = {
         "one": (dict(os.environ, JAX_PLATFORMS="cpu"), common),
@@ -111,6 +111,10 @@ def test_eight_devices_equal_one(tmp_path):
     keys = [k for k in one.files if k != "devices"]
     assert keys == [k for k in eight.files if k != "devices"]
     for key in keys:
+        if key.endswith("['key']['bias']"):
+            # A key bias adds the same q.b to every logit of a query and softmax ignores that: its exact gradient is
+            # zero, so what it gets is rounding noise, which Adam normalises into full-size steps of random sign.
+            continue
         np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-6, err_msg=key)
 
 
@@ -164,12 +168,11 @@ def test_image_folder_with_unreadable_images(tmp_path, capsys):
 
 def test_retrieval_top1_counts_duplicates_and_distractors():
     eye = np.eye(4, dtype=np.float32)
-    # image 0 matches caption 1, whose text equals caption 0's: correct; image 2 matches caption 3: wrong
-    zimg = eye[[1, 1, 3, 3]]
-    ztxt = eye
-    result = retrieval_top1(zimg, ztxt, ["a", "a", "b", "c"])
-    assert result == {"eval/i2t_top1": 0.75, "eval/t2i_top1": 0.75}
-    # a distractor closer to query 0 than its own caption makes it wrong
-    distractor = (np.array([[1.0, 0, 0, 0]]), np.array([[0.0, 1.0, 0, 0]]), ["z"])
-    result = retrieval_top1(eye, eye, ["a", "b", "c", "d"], distractors=distractor)
+    # i2t: image 0 retrieves caption 1, whose text equals its own ("a"): correct; image 2 retrieves "c": wrong.
+    # t2i: caption 1 retrieves image 0 (also "a"): correct; captions 2 and 3 retrieve images of other captions.
+    result = retrieval_top1(eye[[1, 1, 3, 3]], eye, ["a", "a", "b", "c"])
+    assert result == {"eval/i2t_top1": 0.75, "eval/t2i_top1": 0.5}
+    # a distractor caption closer to image 0 than its own, and a distractor image closer to caption 1 than its own
+    distractor = (2 * eye[[1]], eye[[0]], ["z"])
+    result = retrieval_top1(eye, 0.5 * eye, ["a", "b", "c", "d"], distractors=distractor)
     assert result["eval/i2t_top1"] == 0.75 and result["eval/t2i_top1"] == 0.75

@@ -150,9 +150,9 @@ def test_config_file_and_overrides(tmp_path):
     config = load_config(f"{path}:7")
     assert config.total_steps == 7
     apply_overrides(config, ["total_steps=20", "optimizer.lr=1", "name=abc", "optimizer.clip_norm=0.5"])
-    assert apply_overrides(config, ["name='quoted'"]).name == "quoted"
     assert config.total_steps == 20 and config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
     assert config.name == "abc" and config.optimizer.clip_norm == 0.5
+    assert apply_overrides(config, ["name='quoted'"]).name == "quoted"
     with pytest.raises(ConfigError, match=r"optimizer.lrr: unknown config key; did you mean optimizer.lr"):
         apply_overrides(config, ["optimizer.lrr=1"])
     with pytest.raises(ConfigError, match=r"total_steps=abc.*expected int"):

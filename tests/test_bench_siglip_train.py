@@ -1,0 +1,94 @@
+"""The SigLIP train-step benchmark at tiny sizes: the JSON contract, loss agreement, the derived figures, the table
+and the weight-decay mapping (never speed)."""
+
+import json
+
+import jax
+import pytest
+
+from big_vision_lite.bench.siglip_train import (
+    CHECK_LOSS_TOL,
+    FIRST_LOSS_TOL,
+    TARGET_RATIO,
+    decay_flags,
+    format_siglip_train_table,
+    run_siglip_train_bench,
+)
+from big_vision_lite.models.two_towers import build_two_towers, init_params
+
+BATCH, STEPS, BLOCK, CHECK = 8, 4, 2, 3
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_siglip_train_bench("configs/siglip_shapes.py:smoke", batch_size=BATCH, steps=STEPS, block_steps=BLOCK,
+                                  check_steps=CHECK, num_batches=2)
+
+
+def test_json_contract(result):
+    for key in ("ours_examples_per_s", "torch_examples_per_s", "ratio", "target", "ok", "first_loss_ours",
+                "first_loss_torch", "first_loss_rel_diff", "check_loss_rel_diff", "final_loss_ours",
+                "final_loss_torch", "sizes", "batch", "steps", "compile_s", "torch_threads", "env", "background_cpu"):
+        assert key in result, key
+    assert result["benchmark"] == "siglip_train" and result["target"] == TARGET_RATIO
+    assert (result["batch"], result["steps"], result["block_steps"], result["check_steps"]) == (BATCH, STEPS, BLOCK,
+                                                                                                CHECK)
+    assert result["sizes"]["image"]["width"] == 32 and result["sizes"]["params"] > 0  # the smoke config's model
+    assert result["env"]["jax_backend"] == "cpu" and result["env"]["torch_num_threads"] == result["torch_threads"]
+    assert result["torch"]["attn_implementation"] == "sdpa" and result["compile_s"] > 0
+    json.dumps(result)  # the CLI writes it as JSON
+
+
+def test_losses_agree(result):
+    # Same weights, same batch: the first loss is the same; the same optimiser keeps the later ones together.
+    assert result["first_loss_ours"] > 0
+    assert result["first_loss_rel_diff"] <= FIRST_LOSS_TOL and result["check_loss_rel_diff"] <= CHECK_LOSS_TOL
+    assert result["losses_agree"]
+    ours, torch = result["check_losses"]["ours"], result["check_losses"]["torch"]
+    assert len(ours) == len(torch) == CHECK
+    change = result["loss_change"]
+    assert change["ours"] < 0 and change["torch"] < 0  # both trained (smoke warmup is 2 steps: the lr is > 0)
+    assert change["ours"] == pytest.approx(change["torch"], rel=1e-2)
+    assert result["final_loss_rel_diff"] <= 1e-3
+    probe_steps = BLOCK * len(result["torch_thread_probe_ms"])
+    assert result["final_step"] == CHECK + probe_steps + STEPS
+
+
+def test_figures(result):
+    times = result["times_ms"]
+    assert len(times["ours"]) == len(times["torch"]) == STEPS // BLOCK
+    for side in ("ours", "torch"):
+        assert result[f"{side}_examples_per_s"] == pytest.approx(BATCH / (result[f"{side}_step_ms"] / 1e3), rel=1e-3)
+    assert result["ratio"] == pytest.approx(result["ours_examples_per_s"] / result["torch_examples_per_s"], rel=1e-3)
+    assert result["ok"] == (result["ratio"] >= TARGET_RATIO and result["losses_agree"])
+    if result["torch_thread_probe_ms"]:
+        probe = result["torch_thread_probe_ms"]
+        assert result["torch_threads"] == int(min(probe, key=probe.__getitem__))
+
+
+def test_table(result):
+    table = format_siglip_train_table(result)
+    for text in ("examples/s", "ratio (ours / torch examples/s)", "first step", "ok:", "sdpa attention"):
+        assert text in table, text
+
+
+def test_decay_flags_follow_our_layout():
+    model = build_two_towers({
+        "image": dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, image_size=16, pool_type="map"),
+        "text": dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=10, max_len=4), "out_dim": (None, 16)})
+    shapes = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))  # all the flags need
+    flags = decay_flags(shapes, model.config)
+    layer = "vision_model.encoder.layers.0."
+    assert flags[f"{layer}self_attn.q_proj.weight"] and flags[f"{layer}mlp.fc1.weight"]
+    assert flags[f"{layer}self_attn.q_proj.bias"]  # [N, H] in ours: ndim 2, so decayed
+    assert not flags[f"{layer}self_attn.out_proj.bias"] and not flags[f"{layer}mlp.fc1.bias"]
+    assert not flags[f"{layer}layer_norm1.weight"] and not flags["logit_scale"] and not flags["logit_bias"]
+    assert flags["vision_model.head.attention.in_proj_bias"] and flags["vision_model.head.probe"]
+    assert flags["text_model.embeddings.token_embedding.weight"] and not flags["text_model.head.bias"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block_steps"):
+        run_siglip_train_bench("configs/siglip_shapes.py:smoke", steps=3, block_steps=2)
+    with pytest.raises(ValueError, match="check_steps"):
+        run_siglip_train_bench("configs/siglip_shapes.py:smoke", check_steps=1)
