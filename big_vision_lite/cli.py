@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_MODEL = "gemma3-270m"
+DEMO_SIGLIP_CONFIG = str(Path(__file__).parents[1] / "configs" / "siglip_shapes.py")
 DEMO_PROMPTS = ("The capital of France is", "Here is a short poem about the sea:\n", "def fibonacci(n):")
 
 
@@ -20,10 +21,20 @@ def _write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def cmd_parity(args: argparse.Namespace) -> int:
-    from big_vision_lite.parity import run_parity
+def _is_siglip_folder(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "siglip"
 
-    report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    if _is_siglip_folder(args.model):
+        from big_vision_lite.siglip_parity import run_siglip_parity
+
+        report = run_siglip_parity(args.model, args.dtype, tolerance=args.tolerance)
+    else:
+        from big_vision_lite.parity import run_parity
+
+        report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
     print(report.table())
     _write_json(args.json, report.to_json())
     return 0 if report.ok else 1
@@ -67,7 +78,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generated = cmd_generate(argparse.Namespace(
         model=DEMO_MODEL, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
         top_p=None, seed=0, dtype="float32", json=False))
-    return status or generated
+    print("\n== SigLIP from scratch on generated shapes: retrieval of held-out (colour, shape) pairs ==")
+    trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:demo", workdir=str(_fresh_demo_workdir()),
+                                           set=None))
+    return status or generated or trained
+
+
+def _fresh_demo_workdir() -> Path:
+    import shutil
+
+    from big_vision_lite.checkpoints.packaged import cache_dir
+
+    workdir = cache_dir() / "demo" / "siglip_shapes"
+    shutil.rmtree(workdir, ignore_errors=True)  # the demo trains from scratch every time
+    return workdir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -107,13 +131,32 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_bench_siglip_loss(args: argparse.Namespace) -> int:
+    from big_vision_lite.bench.siglip_loss import format_siglip_loss_table, run_siglip_loss_bench
+
+    result = run_siglip_loss_bench()
+    print(format_siglip_loss_table(result))
+    _write_json(args.json, result)
+    return 0 if result["ok"] else 1
+
+
+def cmd_bench_siglip_train(args: argparse.Namespace) -> int:
+    from big_vision_lite.bench.siglip_train import format_siglip_train_table, run_siglip_train_bench
+
+    result = run_siglip_train_bench()
+    print(format_siglip_train_table(result))
+    _write_json(args.json, result)
+    return 0 if result["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bvl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = ["float32", "bfloat16"]
 
     p = sub.add_parser("parity", help="compare every layer and greedy ids with transformers")
-    p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m)")
+    p.add_argument("model", help="an HF folder (a decoder or a SiglipModel) or a packaged model name (gemma3-270m, "
+                                 "smollm2-135m)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: longer than any sliding window)")
@@ -155,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench_decode)
+    p = bench_sub.add_parser("siglip-loss", help="sigmoid loss, dense vs blocked: peak memory and time")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench_siglip_loss)
+    p = bench_sub.add_parser("siglip-train", help="SigLIP train step examples/s vs transformers SiglipModel")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench_siglip_train)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Notebooks run top to bottom, as a Colab user would run them."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -16,3 +17,14 @@ def test_parity_notebook_runs_and_plots(tmp_path):
     assert (tmp_path / "parity_gemma3_270m.png").stat().st_size > 10_000
     table = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "layer_17" in table and "ok: True" in table
+
+
+def test_siglip_notebook_trains_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("BVL_NOTEBOOK_STEPS", "120")
+    nb = nbformat.read(NOTEBOOKS / "siglip.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "siglip_similarity.png").stat().st_size > 10_000
+    assert (tmp_path / "siglip_notebook_run" / "metrics.jsonl").is_file()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    diagonal, off = map(float, re.search(r"diagonal mean ([-\d.]+), off-diagonal mean ([-\d.]+)", text).groups())
+    assert diagonal > off + 0.1  # 120 steps already separate matching pairs from the rest

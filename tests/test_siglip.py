@@ -106,6 +106,16 @@ def test_parity(tiny, kind):
     assert "max_rel_err" in report.table()
 
 
+def test_bvl_parity_on_a_siglip_folder(tiny, tmp_path, capsys):
+    from big_vision_lite.cli import main
+
+    out = tmp_path / "parity.json"
+    assert main(["parity", str(tiny["map"]), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model_type"] == "siglip" and data["ok"] and data["max_rel_err"] <= 1e-5
+    assert "logits_per_image" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- conversion
 
 

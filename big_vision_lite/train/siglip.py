@@ -127,8 +127,8 @@ class SiglipTask:
     def evaluate(self, params: Any) -> dict[str, float]:
         """Zero-shot retrieval of the held-out pairs, top-1 image -> caption and caption -> image, among the
         held-out pairs plus the distractors."""
-        queries = self._embed_source(params, self.eval_source)
-        extra = self._embed_source(params, self.distractors) if self.distractors is not None else None
+        queries = self.embed_source(params, self.eval_source)
+        extra = self.embed_source(params, self.distractors) if self.distractors is not None else None
         return retrieval_top1(*queries, distractors=extra)
 
     def report(self) -> dict[str, Any]:
@@ -136,7 +136,7 @@ class SiglipTask:
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _embed_source(self, params: Any, source: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def embed_source(self, params: Any, source: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(zimg [N, E], ztxt [N, E], captions) of every readable example of `source`."""
         zimg, ztxt, captions = [], [], []
         for batch in make_eval_batches(source, batch_size=self.config.batch_size,

@@ -1,0 +1,411 @@
+"""SigLIP train-step benchmark: examples/s of our jitted train step against the same step in PyTorch, same weights.
+
+Axis letters: B batch (image-text pairs), R image side, L text length.
+
+What is timed: one optimisation step on a batch of B random images [B, R, R, 3] in [-1, 1] and B random token ids
+[B, L] (vocabulary: the task's caption tokenizer), cycled from a fixed set of `num_batches` batches already in
+memory (no data loading in the timed loop). The sizes, batch size and optimizer are those of a training config
+(default `configs/siglip_shapes.py`).
+
+- Ours: the very step `bvl train` runs. `SiglipTask` (in a temporary workdir: it trains its caption tokenizer there)
+  gives the model and the gradients, `make_optimizer` / `make_schedule` the optimizer (global-norm clipping, then
+  AdamW on warmup + cosine, decay on ndim >= 2 params), `_make_step` the step over the state {step, params,
+  opt_state, rng}, jitted like the trainer does it (state and batch shardings from the config's mesh and rules,
+  state donated) and compiled ahead of time; `compile_s` (lowering + compilation) is reported apart.
+- PyTorch: transformers' `SiglipModel` of the same sizes (`siglip_config_to_hf`), loaded strictly with our initial
+  parameters (`siglip_params_to_hf`); the loss -sum(log_sigmoid(z * logits_per_image)) / B, z = 2 * eye - 1 (HF's
+  logits are exp(logit_scale) * img @ txt.T + logit_bias, ours' too); `clip_grad_norm_`, then `torch.optim.AdamW`
+  with the same betas, eps, weight decay and a `LambdaLR` replaying our schedule's values, in two parameter groups
+  that decay exactly the tensors ours decays (the ndim >= 2 rule is applied to OUR layout and carried over by the
+  converter: attention biases are [N, H] in ours, so decayed, while HF stores them as [N * H]); eager mode, no
+  `torch.compile`. Threads: by default torch is probed at every CPU and at 1 thread and timed at the faster (on a
+  busy machine torch's OpenMP threads can run many times slower at 2 threads than at 1; see `torch_threads`).
+
+Both sides first run `check_steps` untimed steps from the same weights on the same batches (this is their warm-up
+too); their losses are compared: the first one must agree (same weights, same batch), and the later ones show that
+both optimisers make the same updates. Then `steps` timed steps per side run in blocks of `block_steps`, the two
+sides alternating block by block (the order rotating each round) so background load hits both alike; a block's
+time (ours: until its outputs are ready, `block_until_ready`) divided by its steps is one per-step sample.
+Examples/s = B / median per-step time; `ratio` = ours / torch examples/s, target >= `TARGET_RATIO`. The losses
+of the last timed step (both sides took the same number of steps on the same batches) are reported as well. The
+share of the CPUs other processes took while timing is recorded: only a quiet machine gives a fair ratio.
+"""
+
+import functools
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from big_vision_lite.bench.forward import (
+    BUSY_WARNING,
+    background_cpu,
+    cpu_count,
+    cpu_counters,
+    environment,
+    interleaved_times,
+    loadavg,
+    peak_rss_gib,
+)
+from big_vision_lite.checkpoints.siglip import siglip_config_to_hf, siglip_params_to_hf
+from big_vision_lite.train.config import load_config
+from big_vision_lite.train.loop import _make_step, _new_state
+from big_vision_lite.train.optimizer import make_optimizer, make_schedule
+from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
+from big_vision_lite.train.siglip import SiglipTask
+
+TARGET_RATIO = 1.3  # ours must train at least this many times as many examples per second as PyTorch
+FIRST_LOSS_TOL = 1e-4  # relative difference of the first step's loss (same weights, same batch; float32)
+CHECK_LOSS_TOL = 1e-3  # relative difference of the loss after `check_steps` steps (float32 drift of the updates)
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "siglip_shapes.py")
+# transformers' attention for the PyTorch side; "sdpa" and "eager" were within noise of each other here (see the
+# report of `run_siglip_train_bench`), sdpa is transformers' default.
+DEFAULT_ATTN = "sdpa"
+
+
+def _resolve_config(config: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return ml_collections.ConfigDict(config.to_dict())  # a copy: the bench may change its batch size
+    path, sep, arg = str(config).partition(":")
+    if not Path(path).is_file() and (Path(DEFAULT_CONFIG).parent / Path(path).name).is_file():
+        path = str(Path(DEFAULT_CONFIG).parent / Path(path).name)  # "configs/x.py" from any working directory
+    return load_config(path + sep + arg)
+
+
+def bench_batches(image_size: int, max_len: int, vocab_size: int, batch: int, count: int,
+                  seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` deterministic batches: images [B, R, R, 3] float32 in [-1, 1], text [B, L] int32 in [0, V)."""
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, 3)).astype(np.float32),
+             "text": rng.integers(0, vocab_size, size=(batch, max_len), dtype=np.int32)} for _ in range(count)]
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+class _OursRunner:
+    """Our compiled step over a donated state; `run(n)` takes n steps and waits for their results."""
+
+    def __init__(self, compiled: Any, state: Any, batches: Sequence[dict[str, jax.Array]]):
+        self.compiled, self.state, self.batches = compiled, state, batches
+        self.steps_done = 0
+        self.last_metrics: dict[str, jax.Array] = {}
+
+    def run(self, n: int) -> list[jax.Array]:
+        losses = []
+        for _ in range(n):
+            batch = self.batches[self.steps_done % len(self.batches)]
+            self.state, self.last_metrics = self.compiled(self.state, batch)
+            losses.append(self.last_metrics["loss"])
+            self.steps_done += 1
+        jax.block_until_ready((self.state, self.last_metrics))
+        return losses
+
+
+class _TorchRunner:
+    """The PyTorch step: forward, sigmoid loss, backward, clip, AdamW, schedule; `run(n)` takes n steps."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Sequence[tuple[Any, Any]],
+                 clip_norm: float | None):
+        import torch
+
+        self.model, self.optimizer, self.scheduler, self.batches = model, optimizer, scheduler, batches
+        self.clip_norm = clip_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        b = batches[0][0].shape[0]
+        self.signs = 2 * torch.eye(b) - 1  # z: +1 on the matching pairs, -1 elsewhere
+        self.steps_done = 0
+        self.last_loss: Any = None
+
+    def step(self) -> Any:
+        import torch
+
+        pixels, ids = self.batches[self.steps_done % len(self.batches)]
+        logits = self.model(input_ids=ids, pixel_values=pixels).logits_per_image  # [B images, B texts]
+        loss = -torch.nn.functional.logsigmoid(self.signs * logits).sum() / logits.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_done += 1
+        self.last_loss = loss.detach()
+        return self.last_loss
+
+    def run(self, n: int) -> list[Any]:
+        return [self.step() for _ in range(n)]
+
+
+def decay_flags(params: Any, cfg: Any) -> dict[str, bool]:
+    """Per HF tensor name: whether our optimizer decays it (ndim >= 2 in OUR layout, see the module docstring).
+
+    The converter is applied to a tree of 1s (decayed) and 0s, so every reshape, transpose and concatenation it
+    does is followed exactly; a tensor that would mix both is an error.
+    """
+    marks = jax.tree.map(lambda p: np.full(np.shape(p), float(np.ndim(p) >= 2), np.float32), params)
+    flags = {}
+    for name, mark in siglip_params_to_hf(marks, cfg).items():
+        if mark.size and mark.min() != mark.max():
+            raise ValueError(f"{name} holds parameters our optimizer decays and ones it does not")
+        flags[name] = bool(mark.size and mark.max() == 1.0)
+    return flags
+
+
+def build_torch_side(host_params: Any, cfg: Any, opt: ml_collections.ConfigDict, schedule_values: np.ndarray,
+                     attn_implementation: str, fused_adamw: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(SiglipModel with our params, AdamW, LambdaLR, facts) mirroring our optimizer (see the module docstring)."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    # Not SiglipConfig.from_dict: it builds a default config on the way and warns about its token ids.
+    hf = {k: v for k, v in siglip_config_to_hf(cfg).items() if k != "model_type"}
+    hf_config = SiglipConfig(**hf, attn_implementation=attn_implementation)
+    model = SiglipModel(hf_config).to(torch.float32).train()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in siglip_params_to_hf(host_params, cfg).items()}
+    model.load_state_dict(state, strict=True)
+    flags = decay_flags(host_params, cfg)
+    named = dict(model.named_parameters())
+    if set(named) != set(flags):
+        raise ValueError(f"SiglipModel's parameters differ from the converted ones: "
+                         f"{sorted(set(named) ^ set(flags))[:5]}")
+    groups = [{"params": [p for n, p in named.items() if flags[n]], "weight_decay": opt.weight_decay},
+              {"params": [p for n, p in named.items() if not flags[n]], "weight_decay": 0.0}]
+    # optax's adamw: eps 1e-8 added to sqrt(v_hat), decoupled decay lr * wd * p: torch's AdamW does the same.
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.b1, opt.b2), eps=1e-8, fused=fused_adamw)
+    last = len(schedule_values) - 1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: float(schedule_values[min(s, last)]) / opt.lr)  # s = steps taken so far, like optax
+    facts = {"decayed_tensors": sum(flags.values()), "tensors": len(flags),
+             "attn_implementation": model.config._attn_implementation}
+    return model, optimizer, scheduler, facts
+
+
+def _sizes(config: ml_collections.ConfigDict, cfg: Any, n_params: int) -> dict[str, Any]:
+    img, txt = cfg.image, cfg.text
+    return {
+        "image": {"image_size": img.image_size, "patch_size": img.patch_size, "width": img.width, "depth": img.depth,
+                  "mlp_dim": img.mlp_dim, "num_heads": img.num_heads, "pool_type": img.pool_type},
+        "text": {"vocab_size": txt.vocab_size, "max_len": txt.max_len, "width": txt.width, "depth": txt.depth,
+                 "mlp_dim": txt.mlp_dim, "num_heads": txt.num_heads, "head_size": txt.head_size},
+        "params": n_params,
+        "dtype": str(config.model.get("dtype", "float32")),
+    }
+
+
+def _build_ours(config: ml_collections.ConfigDict, seed: int, num_batches: int
+                ) -> tuple[_OursRunner, Any, Any, list[dict[str, np.ndarray]], float]:
+    """(runner, task, host copy of the initial params, host batches, compile seconds): the trainer's step."""
+    with tempfile.TemporaryDirectory(prefix="bvl_bench_siglip_train_") as workdir:
+        mesh = make_mesh(**config.mesh.to_dict())
+        task = SiglipTask(config, workdir, mesh)
+    cfg = task.model.config
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    schedule = make_schedule(config.optimizer, config.total_steps)
+    rules = [tuple(rule) for rule in config.sharding_rules]
+    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed + seed))
+    # A host copy owned by numpy: the device state is donated to the step, and torch starts from these values.
+    host_params = jax.tree.map(lambda a: np.array(a, copy=True), jax.device_get(task.init_params(init_rng)))
+    new_state = functools.partial(_new_state, optimizer=optimizer, rng=loop_rng)
+    shardings = tree_shardings(jax.eval_shape(new_state, host_params), mesh, rules)
+    state = jax.jit(new_state, out_shardings=shardings)(host_params)
+    host_batches = bench_batches(cfg.image.image_size, cfg.text.max_len, cfg.text.vocab_size, config.batch_size,
+                                 num_batches, seed)
+    batches = [shard_batch(b, mesh) for b in host_batches]
+    step_fn = jax.jit(_make_step(task, optimizer, schedule), in_shardings=(shardings, batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=0)  # as `train` jits it
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    return _OursRunner(compiled, state, batches), task, host_params, host_batches, compile_s
+
+
+def _pick_torch_threads(theirs: _TorchRunner, candidates: Sequence[int], steps: int) -> dict[int, float]:
+    """Seconds per step of `steps` torch steps at each thread count (the caller sets the winner)."""
+    import torch
+
+    probe = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        theirs.run(steps)
+        probe[n] = (time.perf_counter() - t0) / steps
+    return probe
+
+
+def run_siglip_train_bench(
+    config: str | ml_collections.ConfigDict = DEFAULT_CONFIG,
+    *,
+    batch_size: int | None = None,
+    steps: int = 40,
+    block_steps: int = 5,
+    check_steps: int = 5,
+    num_batches: int = 4,
+    attn_implementation: str = DEFAULT_ATTN,
+    fused_adamw: bool = True,
+    torch_threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Our SigLIP train step against PyTorch's, examples/s; see the module docstring.
+
+    `config`: a config file spec (`path.py[:arg]`, e.g. `configs/siglip_shapes.py:smoke`) or a ConfigDict; its
+    model, batch size (unless `batch_size` is given), optimizer, loss, mesh and sharding rules are used. `steps`
+    timed steps per side (a multiple of `block_steps`, the steps per timed block), after `check_steps` (>= 2)
+    untimed ones. `fused_adamw`: torch's fused CPU AdamW kernel (else its default for-loop one).
+
+    `torch_threads`: None probes torch at every CPU this process may use and at 1 thread (one block of steps each,
+    untimed; ours takes as many untimed steps so both stay at the same step) and times the faster: on a busy
+    machine torch's OpenMP threads can run many times slower at 2 threads than at 1, and the bench must not win
+    by that. An int fixes the count. torch's previous setting is restored afterwards.
+
+    Returns a JSON-serialisable dict: `ours_examples_per_s`, `torch_examples_per_s`, `ratio` (ours / torch),
+    `target`, `ok` (ratio >= target and the losses agree), `ours_step_ms`, `torch_step_ms` (medians),
+    `times_ms` (every per-step sample), `compile_s` (ours), `first_loss_ours`, `first_loss_torch`,
+    `first_loss_rel_diff`, `check_losses` ({ours, torch}: the `check_steps` losses), `check_loss_rel_diff` (the
+    last of them), `loss_change` ({ours, torch}: last check loss - first), `final_loss_ours`, `final_loss_torch`,
+    `final_loss_rel_diff` (the losses of the last timed step), `losses_agree`, `sizes`, `batch`, `steps`,
+    `block_steps`, `check_steps`, `optimizer`, `torch` (attention, fused AdamW, decayed tensors), `torch_threads`,
+    `torch_thread_probe_ms`, `background_cpu`, `env`, `peak_rss_gib`.
+    """
+    import torch
+
+    if steps < 1 or block_steps < 1 or steps % block_steps or check_steps < 2 or num_batches < 1:
+        raise ValueError(f"need steps >= 1 a multiple of block_steps >= 1, check_steps >= 2 and num_batches >= 1; "
+                         f"got steps={steps}, block_steps={block_steps}, check_steps={check_steps}, "
+                         f"num_batches={num_batches}")
+    if torch_threads is not None and torch_threads < 1:
+        raise ValueError(f"torch_threads must be >= 1 or None, got {torch_threads}")
+    spec = config if isinstance(config, str) else "ConfigDict"
+    config = _resolve_config(config)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        config.batch_size = batch_size
+    if config.get("accum_steps", 1) != 1:
+        raise ValueError("the bench times one step on the whole batch; set accum_steps=1")
+    loadavg_start = loadavg()
+    candidates = [torch_threads] if torch_threads else sorted({cpu_count(), 1}, reverse=True)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(candidates[0])
+    try:
+        ours, task, host_params, host_batches, compile_s = _build_ours(config, seed, num_batches)
+        cfg = task.model.config
+        schedule = make_schedule(config.optimizer, config.total_steps)
+        schedule_values = np.asarray(schedule(np.arange(config.total_steps + 1)), np.float64)
+        model, torch_opt, scheduler, torch_facts = build_torch_side(
+            host_params, cfg, config.optimizer, schedule_values, attn_implementation, fused_adamw)
+        torch_batches = [(torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()),  # [B, 3, R, R]
+                          torch.from_numpy(b["text"].astype(np.int64))) for b in host_batches]
+        theirs = _TorchRunner(model, torch_opt, scheduler, torch_batches, config.optimizer.clip_norm)
+
+        # Untimed: the same check_steps on both sides, from the same weights on the same batches (also warm-up).
+        check = {"ours": [float(x) for x in jax.device_get(ours.run(check_steps))],
+                 "torch": [float(x) for x in theirs.run(check_steps)]}
+        probe: dict[int, float] = {}
+        if len(candidates) > 1:
+            probe = _pick_torch_threads(theirs, candidates, block_steps)
+            ours.run(block_steps * len(candidates))
+        threads = min(probe, key=probe.__getitem__) if probe else candidates[0]
+        torch.set_num_threads(threads)
+
+        counters = cpu_counters()
+        fns = {"ours": functools.partial(ours.run, block_steps), "torch": functools.partial(theirs.run, block_steps)}
+        block_times = interleaved_times(fns, steps // block_steps)
+        busy = background_cpu(counters)
+        if ours.steps_done != theirs.steps_done:
+            raise AssertionError(f"ours took {ours.steps_done} steps, torch {theirs.steps_done}")
+        final = {"ours": float(jax.device_get(ours.last_metrics["loss"])), "torch": float(theirs.last_loss)}
+        env = environment(threads, {})
+    finally:
+        torch.set_num_threads(previous_threads)
+    per_step = {name: [t / block_steps for t in ts] for name, ts in block_times.items()}
+    step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
+    ex_s = {name: config.batch_size / s for name, s in step_s.items()}
+    ratio = ex_s["ours"] / ex_s["torch"]
+    first_diff = rel_diff(check["ours"][0], check["torch"][0])
+    check_diff = rel_diff(check["ours"][-1], check["torch"][-1])
+    agree = first_diff <= FIRST_LOSS_TOL and check_diff <= CHECK_LOSS_TOL
+    n_params = sum(int(np.size(a)) for a in jax.tree.leaves(host_params))
+    return {
+        "benchmark": "siglip_train",
+        "config": spec,
+        "ours_examples_per_s": round(ex_s["ours"], 2),
+        "torch_examples_per_s": round(ex_s["torch"], 2),
+        "ratio": round(ratio, 4),
+        "target": TARGET_RATIO,
+        "ok": bool(ratio >= TARGET_RATIO and agree),
+        "ours_step_ms": round(step_s["ours"] * 1e3, 3),
+        "torch_step_ms": round(step_s["torch"] * 1e3, 3),
+        "times_ms": {name: [round(t * 1e3, 3) for t in ts] for name, ts in per_step.items()},
+        "compile_s": round(compile_s, 3),
+        "first_loss_ours": check["ours"][0],
+        "first_loss_torch": check["torch"][0],
+        "first_loss_rel_diff": first_diff,
+        "check_losses": check,
+        "check_loss_rel_diff": check_diff,
+        "loss_change": {name: losses[-1] - losses[0] for name, losses in check.items()},
+        "final_loss_ours": final["ours"],
+        "final_loss_torch": final["torch"],
+        "final_loss_rel_diff": rel_diff(final["ours"], final["torch"]),
+        "final_step": ours.steps_done,
+        "loss_tolerances": {"first": FIRST_LOSS_TOL, "check": CHECK_LOSS_TOL},
+        "losses_agree": agree,
+        "sizes": _sizes(config, cfg, n_params),
+        "batch": config.batch_size,
+        "steps": steps,
+        "block_steps": block_steps,
+        "check_steps": check_steps,
+        "num_batches": num_batches,
+        "optimizer": config.optimizer.to_dict() | {"total_steps": config.total_steps},
+        "ours": {"jit": "train.loop._make_step, jax.jit(donate_argnums=0, config shardings) + lower().compile()",
+                 "loss_impl": config.loss.impl, "model_dtype": _sizes(config, cfg, n_params)["dtype"]},
+        "torch": torch_facts | {"fused_adamw": fused_adamw, "mode": "eager (no torch.compile)"},
+        "torch_threads": threads,
+        "torch_thread_probe_ms": {str(n): round(s * 1e3, 3) for n, s in probe.items()},
+        "background_cpu": busy,
+        "env": env | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def format_siglip_train_table(result: dict[str, Any]) -> str:
+    """A readable summary of `run_siglip_train_bench`'s result."""
+    env, sizes, torch_facts = result["env"], result["sizes"], result["torch"]
+    img, txt = sizes["image"], sizes["text"]
+    probe = result.get("torch_thread_probe_ms") or {}
+    probe_text = (" (probe ms/step: " + ", ".join(f"{n} threads {ms:.0f}" for n, ms in probe.items()) + ")"
+                  if probe else "")
+    busy = result.get("background_cpu")
+    lines = [
+        f"siglip train-step bench ({result['config']}): batch {result['batch']}, {result['steps']} timed steps per "
+        f"side in blocks of {result['block_steps']} (interleaved), after {result['check_steps']} checked steps",
+        f"model: image {img['image_size']}px/{img['patch_size']} w{img['width']} d{img['depth']} mlp{img['mlp_dim']} "
+        f"h{img['num_heads']} {img['pool_type']}; text L{txt['max_len']} V{txt['vocab_size']} w{txt['width']} "
+        f"d{txt['depth']} mlp{txt['mlp_dim']} h{txt['num_heads']}; {sizes['params']:,} params, {sizes['dtype']}",
+        f"ours: jax {env['jax']} {env['jax_backend']}, compile {result['compile_s']:.2f} s (not timed); torch "
+        f"{env['torch']} transformers {env['transformers']}, {torch_facts['attn_implementation']} attention, "
+        f"fused AdamW {torch_facts['fused_adamw']}, {result['torch_threads']} threads of {env['cpu_count']} CPUs"
+        f"{probe_text}",
+        f"{'side':>6} {'ms/step':>9} {'examples/s':>11}",
+        f"{'ours':>6} {result['ours_step_ms']:>9.1f} {result['ours_examples_per_s']:>11.1f}",
+        f"{'torch':>6} {result['torch_step_ms']:>9.1f} {result['torch_examples_per_s']:>11.1f}",
+        f"ratio (ours / torch examples/s) {result['ratio']:.3f}, target >= {result['target']}: "
+        f"{'met' if result['ratio'] >= result['target'] else 'NOT met'}",
+        f"loss: first step ours {result['first_loss_ours']:.6f} torch {result['first_loss_torch']:.6f} (rel diff "
+        f"{result['first_loss_rel_diff']:.1e}); after {result['check_steps']} steps rel diff "
+        f"{result['check_loss_rel_diff']:.1e} (change ours {result['loss_change']['ours']:+.4f}, torch "
+        f"{result['loss_change']['torch']:+.4f}); at step {result['final_step']} ours {result['final_loss_ours']:.6f} "
+        f"torch {result['final_loss_torch']:.6f}; agree: {result['losses_agree']}",
+        f"ok: {result['ok']}; busy (CPU share other processes took while timing): "
+        f"{'n/a' if busy is None else f'{busy:.0%}'}",
+    ]
+    if busy is not None and busy > BUSY_WARNING:
+        lines.append(f"warning: other processes used {busy:.0%} of the CPUs while timing: both sides ran slower than "
+                     "on a quiet machine, and not necessarily alike; rerun on a quiet machine for a fair ratio")
+    return "\n".join(lines)
