@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from big_vision_lite.cli import main
@@ -176,3 +177,8 @@ def test_retrieval_top1_counts_duplicates_and_distractors():
     distractor = (2 * eye[[1]], eye[[0]], ["z"])
     result = retrieval_top1(eye, 0.5 * eye, ["a", "b", "c", "d"], distractors=distractor)
     assert result["eval/i2t_top1"] == 0.75 and result["eval/t2i_top1"] == 0.75
+
+
+def test_truncated_captions_warn(tmp_path):
+    with pytest.warns(UserWarning, match=r"captions are longer than text.max_len=4 tokens"):
+        _task(tmp_path, "text.max_len=4")

@@ -15,6 +15,7 @@ Axis letters: B global batch, A accumulation micro-batches, E embedding width, S
 """
 
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class SiglipTask:
         model["image"]["image_size"] = config.data.image_size  # one source of truth for the image side
         model["text"] |= {"vocab_size": self.tokenizer.vocab_size, "max_len": config.text.max_len}
         self.model = build_two_towers(model)
+        _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
         if config.batch_size % config.accum_steps:
             raise ValueError(f"batch_size={config.batch_size} must be a multiple of accum_steps={config.accum_steps}")
         self._loader = None
@@ -189,6 +191,17 @@ class SiglipTask:
     def _scalars(self, params: Any) -> tuple[jax.Array, jax.Array]:
         _, _, out = self.model.apply({"params": params}, None, None)
         return out["t"], out["b"]
+
+
+def _warn_if_truncated(tokenizer: Tokenizer, captions: list[str], max_len: int) -> None:
+    """Warns when captions lose tokens to `text.max_len`: silently cut captions (e.g. the position words at the end
+    of a shapes caption) make pairs the model cannot tell apart."""
+    lengths = [len(ids) + 1 for ids in tokenizer.encode_batch(captions, add_bos=False)]  # + EOS
+    cut = sum(n > max_len for n in lengths)
+    if cut:
+        warnings.warn(f"{cut} of {len(captions)} sampled captions are longer than text.max_len={max_len} tokens "
+                      f"(longest {max(lengths)}) and get truncated; raise text.max_len or text.vocab_size",
+                      stacklevel=3)
 
 
 def retrieval_top1(zimg: np.ndarray, ztxt: np.ndarray, captions: list[str],
