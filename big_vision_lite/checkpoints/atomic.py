@@ -31,10 +31,15 @@ def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Writes `text` to a sibling temporary file, then renames it over `path`: old or new, never half."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Writes `data` to a sibling temporary file, then renames it over `path`: old or new, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))

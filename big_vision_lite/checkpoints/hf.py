@@ -303,14 +303,20 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
+def read_folder_tensors(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """({name: tensor}, {name: the file it came from}) over every safetensors file of `folder`."""
+    state, where = {}, {}
+    for name, path, tensor in _read_tensors(_safetensors_files(folder)):
+        state[name], where[name] = tensor, path
+    return state, where
+
+
 def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
     """Config and params (scan layout, dtype as stored) of an HF decoder folder, every tensor checked."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     cfg = config_from_hf(hf, str(folder / "config.json"))
-    state, where = {}, {}
-    for name, path, tensor in _read_tensors(_safetensors_files(folder)):
-        state[name], where[name] = tensor, path
+    state, where = read_folder_tensors(folder)
     prefix = "model." if "model.embed_tokens.weight" in state else ""
     expected = expected_hf_shapes(cfg, prefix)
     for name, shape in expected.items():

@@ -41,7 +41,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.checkpoints.hf import CheckpointError, _read_tensors, _safetensors_files, read_hf_config
+from big_vision_lite.checkpoints.hf import CheckpointError, read_folder_tensors, read_hf_config
 from big_vision_lite.models.text import TextConfig
 from big_vision_lite.models.two_towers import TwoTowers, TwoTowersConfig, relayout_params
 from big_vision_lite.models.vit import ViTConfig, stack_encoder_blocks
@@ -381,9 +381,7 @@ def read_siglip_hf(folder: str | Path) -> tuple[TwoTowersConfig, dict[str, np.nd
     folder = Path(folder)
     hf = read_hf_config(folder)
     cfg = siglip_config_from_hf(hf, str(folder / "config.json"))
-    state, where = {}, {}
-    for name, path, tensor in _read_tensors(_safetensors_files(folder)):
-        state[name], where[name] = tensor, path
+    state, where = read_folder_tensors(folder)
     check_siglip_state(state, cfg, str(folder), where)
     return cfg, state, hf
 

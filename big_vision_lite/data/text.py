@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
+from big_vision_lite.checkpoints.atomic import write_bytes_atomic
 from big_vision_lite.tokenizer import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -72,17 +73,10 @@ def train_caption_tokenizer(
     except RuntimeError as e:  # e.g. a vocab_size below the number of distinct characters
         raise ValueError(f"training a caption tokenizer (vocab_size={vocab_size}) failed: {e}") from e
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / SENTENCEPIECE_FILE, model.getvalue())
+    write_bytes_atomic(out / SENTENCEPIECE_FILE, model.getvalue())
     config = {**_SPECIAL, "add_bos_token": False, "add_eos_token": False}
-    _write_atomic(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
     return load_tokenizer(out)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes a sibling temporary file and renames it over `path`: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def tokenize_fixed(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:

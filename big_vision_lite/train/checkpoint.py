@@ -25,7 +25,7 @@ CORRUPT_DIR = "checkpoints_corrupt"
 class Checkpointer:
     """Saves a state pytree plus JSON metadata; restores the newest one that reads back."""
 
-    def __init__(self, workdir: str | Path, every: int, keep: int, asynchronous: bool = True):
+    def __init__(self, workdir: str | Path, every: int, keep: int):
         if every < 1:
             raise ValueError(f"ckpt_every must be >= 1, got {every}")
         if keep < 1:
@@ -36,7 +36,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the loop decides when; the manager must not skip a forced final save
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=asynchronous)
+            enable_async_checkpointing=True)  # training goes on while the previous checkpoint is written
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
