@@ -20,7 +20,8 @@ import numpy as np
 
 from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.models.attention import causal_mask
-from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask, unstack_layers
+from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
+from big_vision_lite.models.paligemma import make_attn_mask
 from big_vision_lite.samplers import SamplerConfig, sample
 from big_vision_lite.timing import timed
 
@@ -29,12 +30,15 @@ GREEDY = SamplerConfig()
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="last_logits_only")
 def _apply(module: nn.Module, params: Any, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-           cache: KVCache | None, last_logits_only: bool = False) -> tuple[jax.Array, KVCache, dict[str, Any]]:
-    return module.apply({"params": params}, tokens, positions, mask, cache, last_logits_only=last_logits_only)
+           cache: KVCache | None, last_logits_only: bool = False, images: jax.Array | None = None
+           ) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+    kwargs = {"last_logits_only": last_logits_only} | ({} if images is None else {"images": images})
+    return module.apply({"params": params}, tokens, positions, mask, cache, **kwargs)
 
 
 def make_apply(module: nn.Module) -> Callable[..., tuple[jax.Array, KVCache, dict[str, Any]]]:
-    """A jitted `(params, tokens, positions, attn_mask, cache, last_logits_only=False) -> (logits, cache, out)`.
+    """A jitted `(params, tokens, positions, attn_mask, cache, last_logits_only=False, images=None)
+    -> (logits, cache, out)`; `images` only for models that take them (PaliGemma).
 
     One jit for all calls: equal modules share its compilations, so a second `generate` compiles nothing.
     """
@@ -108,10 +112,14 @@ def generate(
     end_ids: Sequence[int] = (),
     pad_id: int = 0,
     cache_length: int | None = None,
+    images: np.ndarray | None = None,
+    mask_ar: np.ndarray | None = None,
 ) -> Generated:
     """Continues left-padded prompts `tokens` [B, T]; greedy by default. Each row stops at one of `end_ids`.
 
-    `cache_length` is the number of cache slots (default T + max_new_tokens, the fewest that fit).
+    `cache_length` is the number of cache slots (default T + max_new_tokens, the fewest that fit). For PaliGemma,
+    `images` [B, R, R, 3] fill the prompts' image placeholders and `mask_ar` [B, T] (zeros: the whole prompt is
+    one bidirectional prefix) makes the prefill mask prefix-LM instead of causal; new tokens are always causal.
     """
     tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
     if tokens.ndim != 2 or tokens.shape != input_mask.shape:
@@ -132,14 +140,16 @@ def generate(
                          f"+ max_new_tokens {max_new_tokens}: it needs at least {prompt_len + max_new_tokens}")
     if not sampler.greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng)")
-    if getattr(module, "scan_layers", False):
-        # Inside the while loop a scanned stack slices every layer's weights out of the stacked arrays on every
-        # step (~2x slower decoding on CPU), so decode with unrolled layers: one copy of the weights per call.
-        module, params = module.clone(scan_layers=False), unstack_layers(params, module.configs[0].depth)
+    if mask_ar is not None and np.shape(mask_ar) != tokens.shape:
+        raise ValueError(f"mask_ar {np.shape(mask_ar)} must have the shape of tokens {tokens.shape}")
+    # Inside the while loop a scanned stack slices every layer's weights out of the stacked arrays on every
+    # step (~2x slower decoding on CPU), so decode with unrolled layers: one copy of the weights per call.
+    module, params = module.for_decoding(params)
     mask = jnp.asarray(input_mask)
     positions = positions_from_mask(mask)
-    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None,
-                                          last_logits_only=True)
+    attn_mask = prefill_mask(mask) if mask_ar is None else make_attn_mask(mask, jnp.asarray(mask_ar))
+    logits, cache, _ = make_apply(module)(params, jnp.asarray(tokens), positions, attn_mask, None,
+                                          last_logits_only=True, images=None if images is None else jnp.asarray(images))
     first_rng, loop_rng = jax.random.split(jax.random.key(0) if rng is None else rng)
     first = sample(logits[:, -1], first_rng, sampler)
     # The loop also feeds the last written id (whose logits it never uses), so T + N slots are written.

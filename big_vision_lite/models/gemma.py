@@ -351,6 +351,12 @@ class Decoder(nn.Module):
         final = xs[0][:, -1:] if last_logits_only else xs[0]
         return self.logits(final), cache, out
 
+    def for_decoding(self, params: dict[str, Any]) -> tuple["Decoder", dict[str, Any]]:
+        """This decoder with unrolled layers and `params` relaid out to match (what decode loops run)."""
+        if not self.scan_layers:
+            return self, params
+        return self.clone(scan_layers=False), unstack_layers(params, self.configs[0].depth)
+
 
 def positions_from_mask(input_mask: jax.Array) -> jax.Array:
     """Positions [B, T] of the valid tokens in a (left-)padded batch: cumsum(mask) - 1, clipped at 0."""

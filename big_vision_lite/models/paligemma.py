@@ -1,0 +1,192 @@
+"""PaliGemma: a SigLIP vision tower, a linear projector and a Gemma-family decoder under a prefix-LM mask.
+
+Axis letters: B batch, T tokens (image placeholders included), S key tokens, P image tokens (patches),
+R image side, D decoder width, V vocab.
+
+    images [B, R, R, 3] -> ViT (no pooling) [B, P, D_img] -> projector (`img/head`) [B, P, D]
+    tokens [B, T] -> token embeddings * sqrt(D) [B, T, D]; the P placeholder ids (`image_token_id`) of each row
+    are replaced, in order, by that row's P image tokens -> decoder -> logits [B, T, V]
+
+Image tokens are not multiplied by sqrt(D): only looked-up text embeddings are (what big_vision does and what
+transformers 5.x does, whose scaled-embedding module applies the factor at lookup). Token layout follows
+transformers' processor, `"<image>" * P + bos + prefix + "\\n" [+ suffix + eos]`, so a batch from either
+processor runs unchanged; the placeholder id may lie beyond the vocabulary (it is never looked up).
+
+Masks: `make_attn_mask(input_mask, mask_ar)` (big_vision/openpi semantics): a token sees every valid token whose
+running count of `mask_ar` ones is not larger than its own, so a run of zeros (image + prefix) is one
+bidirectional block and each one (suffix token) starts a causal step; padding is never seen. Positions are
+`cumsum(input_mask) - 1`.
+
+Parameters (big_vision's PaliGemma names): `img/...` (the ViT; `img/head` is the projector) and `llm/...` (the
+decoder; see `gemma.py`). Extra experts (`PaliGemmaConfig.experts`, the openpi pi0 layout) add `_1`, `_2`, ...
+parameters inside `llm` and share every attention layer with expert 0; a single-expert checkpoint's params are
+exactly expert 0's.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision_lite.models.gemma import Decoder, DecoderConfig, KVCache, unstack_layers
+from big_vision_lite.models.vit import ViT, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PaliGemmaConfig:
+    """`vision` must pool "none" and have `head_size` = the decoder width (its head is the projector)."""
+
+    vision: ViTConfig
+    llm: DecoderConfig
+    image_token_id: int
+    experts: tuple[DecoderConfig, ...] = ()  # extra experts after expert 0 (`llm`)
+
+    def __post_init__(self):
+        if self.vision.pool_type != "none":
+            raise ValueError(f"PaliGemma's vision tower must keep its tokens: pool_type 'none', got "
+                             f"{self.vision.pool_type!r}")
+        if self.vision.head_size != self.llm.width:
+            raise ValueError(f"the projector (vision.head_size {self.vision.head_size}) must map to the decoder "
+                             f"width {self.llm.width}")
+        if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
+            raise ValueError(f"image_token_id must be an int >= 0, got {self.image_token_id!r}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def decoders(self) -> tuple[DecoderConfig, ...]:
+        return (self.llm, *self.experts)
+
+
+def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
+    """[B, T, T] prefix-LM mask from input_mask [B, T] (valid tokens) and mask_ar [B, T] (1 = causal step)."""
+    steps = jnp.cumsum(mask_ar.astype(jnp.int32), axis=1)  # [B, T]
+    valid = input_mask.astype(bool)
+    return (steps[:, None, :] <= steps[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+
+
+def merge_image_tokens(text: jax.Array, image: jax.Array, is_image: jax.Array) -> jax.Array:
+    """Row b's placeholders (is_image [B, T]) take image [B, P, D] tokens 0, 1, ... in order; text [B, T, D].
+
+    A gather by the running placeholder count, not a masked scatter, so it traces to fixed shapes under jit.
+    Each row must hold exactly P placeholders (checked by the callers that see concrete ids).
+    """
+    order = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1, 0, image.shape[1] - 1)  # [B, T]
+    gathered = jnp.take_along_axis(image, order[:, :, None], axis=1)  # [B, T, D]
+    return jnp.where(is_image[:, :, None], gathered.astype(text.dtype), text)
+
+
+def check_image_tokens(tokens: np.ndarray, config: PaliGemmaConfig) -> None:
+    """Every row of tokens [B, T] must hold exactly P image placeholders (what the merge assumes)."""
+    counts = (np.asarray(tokens) == config.image_token_id).sum(axis=1)
+    if bad := [int(i) for i in np.flatnonzero(counts != config.num_image_tokens)]:
+        raise ValueError(f"rows {bad} hold {counts[bad].tolist()} image tokens (id {config.image_token_id}); "
+                         f"each row needs exactly {config.num_image_tokens} (one per image patch)")
+
+
+class PaliGemma(nn.Module):
+    """`__call__(tokens, positions, attn_mask, cache, *, images=None)` -> (logits [B, T, V], cache, out).
+
+    With `images` [B, R, R, 3] the image placeholders in `tokens` are replaced by image tokens (the prefill);
+    without, `tokens` are plain text ids (decoding steps). `out` adds `image_tokens` [B, P, D] (the projector's
+    output) and `vision` (the ViT's intermediates) to the decoder's `out`.
+    """
+
+    config: PaliGemmaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = True
+    remat_policy: str | None = None
+    return_probs: bool = False
+    return_hidden: bool = False
+
+    def setup(self):
+        self.img = ViT(self.config.vision, return_hidden=self.return_hidden)
+        self.llm = Decoder(self.config.decoders, dtype=self.dtype, param_dtype=self.param_dtype,
+                           scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+                           return_probs=self.return_probs, return_hidden=self.return_hidden)
+
+    def embed_images(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """images [B, R, R, 3] in [-1, 1] -> image tokens [B, P, D] in the decoder's dtype, ViT intermediates."""
+        tokens, out = self.img(images)
+        return tokens.astype(self.dtype), out
+
+    def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        """Decoder inputs [B, T, D]: scaled text embeddings with image tokens at the placeholders."""
+        is_image = tokens == self.config.image_token_id
+        # The placeholder id may lie beyond the vocabulary; look up id 0 there (replaced below anyway).
+        x = self.llm.embed(jnp.where(is_image, 0, tokens))
+        out: dict[str, Any] = {}
+        if images is not None:
+            image_tokens, out["vision"] = self.embed_images(images)
+            out["image_tokens"] = image_tokens
+            x = merge_image_tokens(x, image_tokens, is_image)
+        return x, out
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        attn_mask: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        images: jax.Array | None = None,
+        last_logits_only: bool = False,
+    ) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+        x, extra = self.embed(tokens, images)
+        xs = [x] + [None] * len(self.config.experts)
+        xs, cache, out = self.llm.forward(xs, positions, attn_mask, cache)
+        out |= extra | {"embeddings": x}
+        final = xs[0][:, -1:] if last_logits_only else xs[0]
+        return self.llm.logits(final), cache, out
+
+    def experts_forward(
+        self,
+        xs: Sequence[jax.Array | None],
+        positions: jax.Array,
+        attn_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[list[jax.Array | None], KVCache, dict[str, Any]]:
+        """The decoder on per-expert inputs (embeddings, None to skip an expert), e.g. [prefix, None] once and
+        then [None, suffix] on the returned concatenation cache; positions/mask cover the given tokens."""
+        return self.llm.forward(xs, positions, attn_mask, cache)
+
+    def for_decoding(self, params: dict[str, Any]) -> tuple["PaliGemma", dict[str, Any]]:
+        """This model with unrolled decoder layers and `params` relaid out to match (what decode loops run)."""
+        if not self.scan_layers:
+            return self, params
+        llm = unstack_layers(params["llm"], self.config.llm.depth)
+        return self.clone(scan_layers=False), {**params, "llm": llm}
+
+
+def dummy_inputs(config: PaliGemmaConfig, batch: int = 1, text_len: int = 2) -> dict[str, jax.Array]:
+    """Shape-only inputs for initialisation: one image and P placeholders + `text_len` text ids per row."""
+    p = config.num_image_tokens
+    tokens = jnp.concatenate([jnp.full((batch, p), config.image_token_id, jnp.int32),
+                              jnp.ones((batch, text_len), jnp.int32)], axis=1)
+    length = tokens.shape[1]
+    return {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(length), (batch, length)),
+            "attn_mask": jnp.ones((batch, length, length), bool),
+            "images": jnp.zeros((batch, config.vision.image_size, config.vision.image_size, 3), jnp.float32)}
+
+
+def init_params(module: PaliGemma, rng: jax.Array) -> dict[str, Any]:
+    """Fresh parameters {img, llm}; experts > 0 included (their first call runs with a dummy suffix)."""
+    inputs = dummy_inputs(module.config)
+
+    def init(model: PaliGemma) -> None:
+        x, _ = model.embed(inputs["tokens"], inputs["images"])
+        length = x.shape[1]
+        suffixes = [jnp.zeros((1, 1, cfg.width), module.dtype) for cfg in module.config.experts]
+        total = length + len(suffixes)
+        positions = jnp.arange(total)[None]
+        model.experts_forward([x, *suffixes], positions, jnp.ones((1, total, total), bool))
+        model.llm.logits(x)
+
+    return module.init(rng, method=init)["params"]
