@@ -4,6 +4,7 @@ A task (SigLIP, PaliGemma) supplies only what differs: how to build and initiali
 gradients for one batch, its data from a given step on, and its evaluation. Everything else lives here once:
 
 * state = {step, params, opt_state, rng}, placed on a `data x fsdp` mesh by the config's sharding rules;
+* `config.trainable` (optional regexes over parameter names) freezes the rest: no optimizer state, no update;
 * `train_step(state, batch) -> (state, metrics)` jitted with the state donated, compiled ahead of the first step
   (its compile time is reported apart from examples/s);
 * the step's RNG is `fold_in(rng, step)`, and the data position is the step, so a resumed run sees exactly the
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from big_vision_lite.checkpoints.atomic import write_text_atomic
 from big_vision_lite.train.checkpoint import Checkpointer
 from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
-from big_vision_lite.train.optimizer import make_optimizer, make_schedule
+from big_vision_lite.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 
 LOOP_KEYS = ("seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
@@ -90,10 +91,15 @@ def _new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Ar
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
 
 
-def _make_step(task: Task, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+def _make_step(task: Task, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               trainable: Any | None = None):
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, Any]]:
         rng = jax.random.fold_in(state["rng"], state["step"])  # a function of the step: resumes reproduce it
         loss, metrics, grads = task.train_grads(state["params"], batch, rng)
+        if trainable is not None:
+            # Zeros instead of the frozen gradients: XLA then drops the backward pass that only they needed (a
+            # frozen vision tower is not back-propagated), and grad_norm is the trained parameters' norm.
+            grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, loss=loss, lr=schedule(state["step"]), grad_norm=optax.tree.norm(grads))
@@ -132,11 +138,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, 
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.devices.size} devices")
     task = task_factory(config, workdir, mesh)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    patterns = config.get("trainable")
+    trainable = None if patterns is None else trainable_mask(jax.eval_shape(task.init_params, init_rng), patterns)
+    optimizer = make_optimizer(config.optimizer, config.total_steps, trainable)
     schedule = make_schedule(config.optimizer, config.total_steps)
     rules = [tuple(rule) for rule in config.sharding_rules]
 
-    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init_fn = lambda rng: _new_state(task.init_params(rng), optimizer, loop_rng)  # noqa: E731
     state_shape = jax.eval_shape(init_fn, init_rng)
     shardings = tree_shardings(state_shape, mesh, rules)
@@ -154,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, 
     log = MetricsLog(workdir, start_step)
     pending = _PendingMetrics()
 
-    step_fn = jax.jit(_make_step(task, optimizer, schedule), in_shardings=(shardings, batch_sharding(mesh)),
+    step_fn = jax.jit(_make_step(task, optimizer, schedule, trainable), in_shardings=(shardings, batch_sharding(mesh)),
                       out_shardings=(shardings, None), donate_argnums=0)
     batches = task.batches(start_step)
     final_eval: dict[str, float] = {}
