@@ -11,6 +11,7 @@ See `pipeline` for the batch format, determinism and how unreadable images are s
 """
 
 from big_vision_lite.data.pipeline import Loader, decode_image, make_eval_batches, make_train_loader
+from big_vision_lite.data.processor import PaliGemmaProcessor
 from big_vision_lite.data.shapes import (
     ShapesSource,
     ShapesSpec,
@@ -27,6 +28,7 @@ from big_vision_lite.data.text import tokenize_fixed, train_caption_tokenizer
 __all__ = [
     "CaptionFileSource",
     "Loader",
+    "PaliGemmaProcessor",
     "ShapesSource",
     "ShapesSpec",
     "TarShardSource",
