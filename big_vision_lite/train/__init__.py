@@ -8,4 +8,7 @@ def task_factory(name: str) -> Any:
     if name == "siglip":
         from big_vision_lite.train.siglip import SiglipTask
         return SiglipTask
-    raise ValueError(f"config.task must be one of: siglip; got {name!r}")
+    if name == "paligemma":
+        from big_vision_lite.train.paligemma import PaliGemmaTask
+        return PaliGemmaTask
+    raise ValueError(f"config.task must be one of: siglip, paligemma; got {name!r}")

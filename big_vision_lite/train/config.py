@@ -20,10 +20,15 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Imports `path.py[:arg]` and returns its `get_config(arg)`."""
     path_text, _, arg = spec.partition(":")
     path = Path(path_text)
+    if not path.is_file() and (CONFIG_DIR / path.name).is_file():
+        path = CONFIG_DIR / path.name  # "configs/x.py" names the project's config from any working directory
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"bvl_config_{path.stem}", path)

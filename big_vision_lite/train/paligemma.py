@@ -1,0 +1,210 @@
+"""PaliGemma fine-tuning as a task of the shared training loop: next-token cross-entropy on the suffix only.
+
+Axis letters: B batch, T tokens (image placeholders + BOS + prefix + suffix), V vocab, R image side.
+
+* Vision tower: the image tower of a SigLIP run (`config.init.siglip_config`, trained into
+  `config.init.siglip_workdir` first if that holds no finished run), without its MAP head; its sizes come from
+  that run's config, so the two cannot disagree. The projector (`img/head`) and the decoder start fresh.
+* Text: the PaliGemma layout of `data/processor.py` — `"<image>" * P + bos + prompt + "\\n" + caption + eos`,
+  right-padded to `text.max_len`; the loss covers the caption and eos (`loss_mask`), never image or prompt.
+* Tokenizer: `text.tokenizer` or one trained on the captions, saved in `DIR/tokenizer` (as SigLIP's).
+* Freezing and LoRA: `config.trainable` (regexes, see `train/optimizer.py`) and `model.llm.lora`
+  (`{rank, alpha}`: adapters on every attention and MLP einsum of the decoder).
+* Evaluation: greedy captions of the held-out images (`generate` with the image, prefix-LM prompt):
+  `eval/caption_exact_match`, and for the generated shapes data the accuracy of each attribute
+  (`eval/colour_acc`, `eval/shape_acc`, `eval/size_acc`, `eval/position_acc`) read back from the caption.
+"""
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from big_vision_lite.checkpoints.packaged import cache_dir
+from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
+from big_vision_lite.data.processor import PaliGemmaProcessor
+from big_vision_lite.data.shapes import POSITIONS, SIZES
+from big_vision_lite.generate import generate
+from big_vision_lite.models.gemma import DecoderConfig, positions_from_mask
+from big_vision_lite.models.lora import LoRAConfig
+from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params, make_attn_mask
+from big_vision_lite.models.vit import ViTConfig, compute_dtype, make_config
+from big_vision_lite.train.checkpoint import load_params
+from big_vision_lite.train.config import load_config
+from big_vision_lite.train.siglip import caption_tokenizer, make_sources
+
+ATTRIBUTES = ("colour", "shape", "size", "position")
+EVAL_KEYS = ("eval/caption_exact_match", *(f"eval/{a}_acc" for a in ATTRIBUTES))
+# ViT fields a SigLIP image tower's config carries over to PaliGemma (pooling and head are PaliGemma's own).
+VISION_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "scan", "remat", "norm_eps")
+
+
+def siglip_vision_init(init: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """(the SigLIP run's config, its image tower params), training that run first if it has not finished."""
+    from big_vision_lite.train import task_factory
+    from big_vision_lite.train.loop import train
+
+    siglip = load_config(init.siglip_config)
+    workdir = Path(init.siglip_workdir) if init.siglip_workdir else default_siglip_workdir(init.siglip_config)
+    try:
+        step, params = load_params(workdir)
+    except FileNotFoundError:
+        step = -1
+    if step != siglip.total_steps:
+        print(f"training the SigLIP vision tower first: {init.siglip_config} in {workdir}")
+        train(siglip, workdir, task_factory("siglip"))
+        step, params = load_params(workdir)
+    return siglip, params["img"]
+
+
+def default_siglip_workdir(siglip_config: str) -> Path:
+    """Where a SigLIP run for `siglip_config` lives unless the config says otherwise (shared between runs)."""
+    path, _, arg = siglip_config.partition(":")
+    return cache_dir() / "runs" / (Path(path).stem + (f"_{arg}" if arg else ""))
+
+
+def vision_config(siglip: ml_collections.ConfigDict, llm_width: int, dtype: str) -> ViTConfig:
+    image = siglip.model.image.to_dict()
+    fields = {k: image[k] for k in VISION_FIELDS if k in image}
+    fields |= {k: siglip.model[k] for k in ("scan", "remat") if k in siglip.model and k not in image}
+    return ViTConfig(**fields, image_size=siglip.data.image_size, pool_type="none", head_size=llm_width, dtype=dtype)
+
+
+def decoder_config(llm: dict[str, Any], vocab_size: int) -> DecoderConfig:
+    llm = dict(llm)
+    if llm.get("lora"):
+        llm["lora"] = make_config(LoRAConfig, "model.llm.lora", llm["lora"])
+    return make_config(DecoderConfig, "model.llm", {**llm, "vocab_size": vocab_size})
+
+
+class PaliGemmaTask:
+    """A PaliGemma captioner: SigLIP vision tower -> projector -> decoder, trained on (image, caption) pairs."""
+
+    eval_keys = EVAL_KEYS
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        self.train_source, self.eval_source, _ = make_sources(config.data)
+        siglip, self.vision_params = siglip_vision_init(config.init)
+        if siglip.data.image_size != config.data.image_size:
+            raise ValueError(f"data.image_size {config.data.image_size} differs from the SigLIP run's "
+                             f"{siglip.data.image_size} (init.siglip_config {config.init.siglip_config})")
+        tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
+        model = config.model
+        vision = vision_config(siglip, model.llm.width, model.dtype)
+        self.processor = PaliGemmaProcessor(tokenizer, image_size=config.data.image_size,
+                                            num_image_tokens=vision.num_patches)
+        llm = decoder_config(model.llm.to_dict(), self.processor.vocab_size)
+        self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
+                               dtype=compute_dtype(model.dtype), scan_layers=model.scan, remat_policy=model.remat)
+        self._loader = None
+        captions = self.eval_source.captions() if hasattr(self.eval_source, "captions") else []
+        longest = max((len(ids) for ids in tokenizer.encode_batch(captions[:2000], add_bos=False)), default=0)
+        self.max_new_tokens = int(config.get("eval_max_new_tokens") or longest + 2)  # + eos, + one spare
+
+    # -- the loop's interface ---------------------------------------------------------------------------------
+
+    def init_params(self, rng: jax.Array) -> Any:
+        params = init_params(self.model, rng)
+        img = dict(params["img"])
+        for name, value in self.vision_params.items():
+            if name not in img:
+                continue  # the SigLIP tower's MAP head (and head): PaliGemma reads the tokens before them
+            expected = jax.tree.map(np.shape, img[name])
+            if jax.tree.map(np.shape, value) != expected:
+                raise ValueError(f"SigLIP img/{name} has shapes {jax.tree.map(np.shape, value)}, PaliGemma's vision "
+                                 f"tower expects {expected}")
+            img[name] = jax.tree.map(jnp.asarray, value)
+        return {**params, "img": img}
+
+    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        data = self.config.data
+        self._loader = make_train_loader(
+            self.train_source, batch_size=self.config.batch_size, image_size=data.image_size, tokenizer=None,
+            max_len=self.config.text.max_len, seed=self.config.seed, start_step=start_step,
+            worker_count=data.workers)
+        prompts = [self.config.text.prompt] * self.config.batch_size
+        for batch in self._loader:
+            text = self.processor.tokenize(prompts, list(batch["caption"]), max_len=self.config.text.max_len)
+            yield {"image": batch["image"], **{k: text[k] for k in ("input_ids", "input_mask", "mask_ar",
+                                                                   "loss_mask")}}
+
+    def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        del rng  # no dropout
+
+        def loss_fn(p):
+            logits = self._logits(p, batch)  # [B, T, V]
+            # Token t predicts token t + 1; only caption tokens (and eos) are targets.
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+            weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+            loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+            correct = (jnp.argmax(logits[:, :-1], -1) == batch["input_ids"][:, 1:]).astype(jnp.float32)
+            return loss, jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, {"token_accuracy": accuracy}, grads
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        predicted, truth = self.caption_source(params, self.eval_source)
+        metrics = {"eval/caption_exact_match": float(np.mean([p == t for p, t in zip(predicted, truth,
+                                                                                     strict=True)]))}
+        if self.config.data.name == "shapes":
+            metrics |= attribute_accuracies(predicted, truth, self.config.data)
+        return metrics
+
+    def report(self) -> dict[str, Any]:
+        return {"skipped_images": self._loader.skipped if self._loader is not None else 0}
+
+    # -- captioning -------------------------------------------------------------------------------------------
+
+    def caption(self, params: Any, images: np.ndarray) -> list[str]:
+        """Greedy captions of images [B, R, R, 3] in [-1, 1]."""
+        prompt = self.processor.tokenize([self.config.text.prompt] * len(images), padding_side="left")
+        out = generate(self.model, params, prompt["input_ids"], prompt["input_mask"], self.max_new_tokens,
+                       images=images, mask_ar=prompt["mask_ar"], end_ids=self.processor.tokenizer.eos_ids,
+                       pad_id=self.processor.pad_id)
+        return [text.strip() for text in self.processor.batch_decode(out.tokens)]
+
+    def caption_source(self, params: Any, source: Any) -> tuple[list[str], list[str]]:
+        """(greedy captions, true captions) of every readable example of `source`."""
+        predicted, truth = [], []
+        for batch in make_eval_batches(source, batch_size=self.config.eval_batch_size,
+                                       image_size=self.config.data.image_size, tokenizer=None,
+                                       max_len=self.config.text.max_len):
+            keep = np.asarray(batch["mask"], bool)
+            predicted += [c for c, k in zip(self.caption(params, batch["image"]), keep, strict=True) if k]
+            truth += [c for c, k in zip(batch["caption"], keep, strict=True) if k]
+        return predicted, truth
+
+    def _logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        mask = batch["input_mask"]
+        logits, _, _ = self.model.apply({"params": params}, batch["input_ids"], positions_from_mask(mask),
+                                        make_attn_mask(mask, batch["mask_ar"]), images=batch["image"])
+        return logits
+
+
+def parse_shapes_caption(text: str, data: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """The attributes a shapes caption names ("a small red circle at the top left"), None where it names none."""
+    words = f" {text.strip()} "
+    found: dict[str, str | None] = {}
+    for attribute, names in (("colour", data.colours), ("shape", data.shapes), ("size", tuple(SIZES))):
+        found[attribute] = next((n for n in names if re.search(rf"\b{n}\b", words)), None)
+    # Longest phrase first: "at the top left" must not read as "at the top".
+    phrases = sorted(POSITIONS, key=lambda p: len(p[1]), reverse=True)
+    found["position"] = next((name for name, phrase, _, _ in phrases if f" {phrase} " in words), None)
+    return found
+
+
+def attribute_accuracies(predicted: list[str], truth: list[str], data: ml_collections.ConfigDict) -> dict[str, float]:
+    """Share of captions naming each attribute (colour, shape, size, position) of the true caption."""
+    pairs = [(parse_shapes_caption(p, data), parse_shapes_caption(t, data)) for p, t in zip(predicted, truth,
+                                                                                          strict=True)]
+    return {f"eval/{a}_acc": float(np.mean([p[a] == t[a] for p, t in pairs])) for a in ATTRIBUTES}
