@@ -55,17 +55,23 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from big_vision_lite.generate import generate_text
+    from big_vision_lite.generate import generate_image_text, generate_text
     from big_vision_lite.samplers import SamplerConfig
 
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)  # checks the settings before loading
-    result = generate_text(args.model, _read_prompts(args), max_new_tokens=args.max_new_tokens, sampler=sampler,
-                           seed=args.seed, dtype=args.dtype)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed, dtype=args.dtype)
+    if getattr(args, "image", None):
+        result = generate_image_text(args.model, args.image, _read_prompts(args), **kwargs)
+    else:
+        result = generate_text(args.model, _read_prompts(args), **kwargs)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     for row in result["completions"]:
-        print(f"--- {row['prompt']!r}\n{row['prompt']}{row['completion']}")
+        if "image" in row:  # PaliGemma answers after the prompt; the prompt is not part of the text
+            print(f"--- {row['image']}: {row['prompt']!r}\n{row['completion']}")
+        else:
+            print(f"--- {row['prompt']!r}\n{row['prompt']}{row['completion']}")
     print(f"--- {result['new_tokens']} new tokens in {result['run_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s "
           f"(batch {len(result['completions'])}, {args.dtype}); compile {result['compile_s']:.2f} s")
     return 0
@@ -164,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("generate", help="continue prompts with the jitted decode loop")
-    p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m)")
+    p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m); with --image, "
+                                 "an HF PaliGemma folder or a paligemma training workdir")
     p.add_argument("--prompt", action="append", help="a prompt (repeat the option for a batch)")
+    p.add_argument("--image", action="append", help="PaliGemma: an image file, one for all prompts or one per prompt "
+                                                   "(repeat the option, in the order of the prompts)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

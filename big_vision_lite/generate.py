@@ -10,6 +10,7 @@ row has produced an end token or `max_new_tokens` ids.
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -226,3 +227,76 @@ def generate_text(
         "run_s": round(run.run_s, 3),
         "tokens_per_s": round(new_tokens / run.run_s, 2) if run.run_s > 0 else None,
     }
+
+
+def load_image_text_model(model: str, dtype: str = "float32") -> tuple[nn.Module, Any, Any, str]:
+    """(module, params, processor, default prompt) of a PaliGemma: a `bvl train` workdir of the paligemma task,
+    or an HF PaliGemma folder (its tokenizer files beside the weights)."""
+    from pathlib import Path
+
+    from big_vision_lite.checkpoints.paligemma import load_paligemma
+    from big_vision_lite.data.processor import PaliGemmaProcessor
+    from big_vision_lite.tokenizer import load_tokenizer
+    from big_vision_lite.train.paligemma import is_paligemma_run, load_paligemma_run
+
+    if is_paligemma_run(model):
+        if dtype != "float32":
+            raise ValueError(f"a training run is evaluated in the dtype it trained in; got --dtype {dtype}")
+        return load_paligemma_run(model)
+    config = Path(model) / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "paligemma":
+        raise ValueError(f"{model}: --image needs a PaliGemma model: an HF folder whose config.json has model_type "
+                         f"'paligemma', or a workdir of `bvl train configs/paligemma_*.py`")
+    module, params, cfg = load_paligemma(model, dtype, scan_layers=False)
+    processor = PaliGemmaProcessor(load_tokenizer(model), image_size=cfg.vision.image_size,
+                                   num_image_tokens=cfg.num_image_tokens)
+    if processor.image_token_id != cfg.image_token_id:
+        raise ValueError(f"{model}: the tokenizer gives '<image>' id {processor.image_token_id}, config.json says "
+                         f"image_token_id {cfg.image_token_id}")
+    return module, params, processor, ""
+
+
+def generate_image_text(
+    model: str,
+    images: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    sampler: SamplerConfig = GREEDY,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """PaliGemma: continues each prompt about its image (image files; one for all prompts, or one each).
+
+    Returns what `generate_text` returns, each completion also naming its image.
+    """
+    from PIL import Image
+
+    if len(images) not in (1, len(prompts)):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+    pictures = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                pictures.append(image.copy())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"image {path}: cannot be read ({e})") from None
+    pictures *= len(prompts) // len(pictures)
+    with timed() as load:
+        module, params, processor, _ = load_image_text_model(model, dtype)
+    batch = processor(pictures, list(prompts), padding_side="left")
+    with timed() as run:
+        result = generate(module, params, batch["input_ids"], batch["input_mask"], max_new_tokens, sampler=sampler,
+                          rng=jax.random.key(seed), end_ids=processor.tokenizer.eos_ids, pad_id=processor.pad_id,
+                          images=batch["pixel_values"], mask_ar=batch["mask_ar"])
+    completions = []
+    for prompt, path, ids, length in zip(prompts, images * (len(prompts) // len(images)), result.tokens,
+                                         result.lengths, strict=True):
+        ids = ids[:length].tolist()
+        completions.append({"prompt": prompt, "image": path, "completion": processor.decode(ids), "tokens": ids,
+                            "stopped_at_end": bool(length and ids[-1] in processor.tokenizer.eos_ids)})
+    new_tokens = int(result.lengths.sum())
+    return {"model": model, "dtype": dtype, "sampler": dataclasses.asdict(sampler), "seed": seed,
+            "max_new_tokens": max_new_tokens, "completions": completions, "new_tokens": new_tokens,
+            "load_s": round(load.total_s, 3), "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
+            "tokens_per_s": round(new_tokens / run.run_s, 2) if run.run_s > 0 else None}

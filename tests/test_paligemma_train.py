@@ -34,12 +34,18 @@ def _config(siglip_dir, *overrides: str) -> ml_collections.ConfigDict:
     return apply_overrides(load_config(SMOKE), [f"init.siglip_workdir={siglip_dir}", *overrides])
 
 
-def test_cli_trains_from_the_siglip_tower_and_evaluates_captions(tmp_path, siglip_dir):
-    workdir = tmp_path / "pg"
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, siglip_dir):
+    workdir = tmp_path_factory.mktemp("pg") / "run"
     run = subprocess.run([sys.executable, "-m", "big_vision_lite.cli", "train", SMOKE, "--workdir", str(workdir),
                           "--set", f"init.siglip_workdir={siglip_dir}"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "eval/caption_exact_match" in run.stdout
+    return workdir, run.stdout
+
+
+def test_cli_trains_from_the_siglip_tower_and_evaluates_captions(cli_run, siglip_dir):
+    workdir, stdout = cli_run
+    assert "eval/caption_exact_match" in stdout
     records = read_metrics(workdir / "metrics.jsonl")
     evals = [r for r in records if "eval/caption_exact_match" in r]
     assert evals and set(evals[-1]) >= {"eval/colour_acc", "eval/shape_acc", "eval/size_acc", "eval/position_acc"}
@@ -108,3 +114,51 @@ def test_attributes_are_read_back_from_captions():
     predicted = ["a small red square at the top left", "a large blue square on the left"]
     assert attribute_accuracies(predicted, truth, data) == {
         "eval/colour_acc": 1.0, "eval/shape_acc": 0.5, "eval/size_acc": 1.0, "eval/position_acc": 0.5}
+
+
+def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):
+    """`bvl generate RUN --image A --image B --prompt P --prompt P` equals the task's own greedy captions."""
+    from PIL import Image
+
+    from big_vision_lite.data.shapes import ShapesSpec, shapes_batch
+    from big_vision_lite.train.paligemma import load_paligemma_run
+
+    workdir, _ = cli_run
+    module, params, processor, prompt = load_paligemma_run(workdir)
+    data = load_config(SMOKE).data
+    spec = ShapesSpec(image_size=data.image_size, colours=tuple(data.colours), shapes=tuple(data.shapes))
+    examples = shapes_batch(spec, "test", [0, 5])
+    paths = []
+    for i, example in enumerate(examples):
+        paths.append(tmp_path / f"shape{i}.png")
+        Image.fromarray(example["image"]).save(paths[-1])
+    run = subprocess.run([sys.executable, "-m", "big_vision_lite.cli", "generate", str(workdir), "--image",
+                          str(paths[0]), "--image", str(paths[1]), "--prompt", prompt, "--prompt", prompt,
+                          "--max-new-tokens", "12", "--json"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    completions = json.loads(run.stdout)["completions"]
+    assert [c["image"] for c in completions] == [str(p) for p in paths]
+
+    from big_vision_lite.generate import generate
+    batch = processor([Image.open(p) for p in paths], [prompt, prompt], padding_side="left")
+    expected = generate(module, params, batch["input_ids"], batch["input_mask"], 12, images=batch["pixel_values"],
+                        mask_ar=batch["mask_ar"], end_ids=processor.tokenizer.eos_ids, pad_id=processor.pad_id)
+    for completion, ids, length in zip(completions, expected.tokens, expected.lengths, strict=True):
+        assert completion["tokens"] == ids[:length].tolist()
+        assert completion["completion"] == processor.decode(ids[:length])
+
+
+def test_generate_with_images_refuses_bad_inputs(cli_run, tmp_path):
+    workdir, _ = cli_run
+    from big_vision_lite.generate import generate_image_text
+
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        generate_image_text(str(workdir), ["a.png", "b.png"], ["x", "y", "z"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png: cannot be read"):
+        generate_image_text(str(workdir), [str(tmp_path / "broken.png")], ["caption"])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "fine.png")
+    with pytest.raises(ValueError, match="needs a PaliGemma model"):
+        generate_image_text(str(tmp_path), [str(tmp_path / "fine.png")], ["caption"])

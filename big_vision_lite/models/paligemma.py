@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite.models.gemma import Decoder, DecoderConfig, KVCache, unstack_layers
+from big_vision_lite.models.lora import LoRAConfig
 from big_vision_lite.models.vit import ViT, ViTConfig
 
 
@@ -62,6 +63,26 @@ class PaliGemmaConfig:
     @property
     def decoders(self) -> tuple[DecoderConfig, ...]:
         return (self.llm, *self.experts)
+
+
+def paligemma_config_to_dict(config: PaliGemmaConfig) -> dict[str, Any]:
+    """A JSON-ready dict of `config` (what a training run saves beside its checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def paligemma_config_from_dict(fields: dict[str, Any]) -> PaliGemmaConfig:
+    """Inverse of `paligemma_config_to_dict` (lists from JSON become the tuples the configs hold)."""
+    def decoder(d: dict[str, Any]) -> DecoderConfig:
+        d = dict(d)
+        if d.get("lora"):
+            d["lora"] = LoRAConfig(**d["lora"])
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
+        return DecoderConfig(**d)
+
+    return PaliGemmaConfig(vision=ViTConfig(**fields["vision"]), llm=decoder(fields["llm"]),
+                           image_token_id=fields["image_token_id"],
+                           experts=tuple(decoder(e) for e in fields.get("experts", ())))
 
 
 def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:

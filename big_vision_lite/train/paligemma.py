@@ -15,6 +15,7 @@ Axis letters: B batch, T tokens (image placeholders + BOS + prefix + suffix), V 
   (`eval/colour_acc`, `eval/shape_acc`, `eval/size_acc`, `eval/position_acc`) read back from the caption.
 """
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from big_vision_lite.checkpoints.atomic import write_text_atomic
 from big_vision_lite.checkpoints.packaged import cache_dir
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.data.processor import PaliGemmaProcessor
@@ -34,12 +36,21 @@ from big_vision_lite.data.shapes import POSITIONS, SIZES
 from big_vision_lite.generate import generate
 from big_vision_lite.models.gemma import DecoderConfig, positions_from_mask
 from big_vision_lite.models.lora import LoRAConfig
-from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params, make_attn_mask
+from big_vision_lite.models.paligemma import (
+    PaliGemma,
+    PaliGemmaConfig,
+    init_params,
+    make_attn_mask,
+    paligemma_config_from_dict,
+    paligemma_config_to_dict,
+)
 from big_vision_lite.models.vit import ViTConfig, compute_dtype, make_config
+from big_vision_lite.tokenizer import load_tokenizer
 from big_vision_lite.train.checkpoint import load_params
 from big_vision_lite.train.config import load_config
-from big_vision_lite.train.siglip import caption_tokenizer, make_sources
+from big_vision_lite.train.siglip import TOKENIZER_DIR, caption_tokenizer, make_sources
 
+MODEL_FILE = "model.json"  # the PaliGemmaConfig of a run, so it can be loaded without its SigLIP run
 ATTRIBUTES = ("colour", "shape", "size", "position")
 EVAL_KEYS = ("eval/caption_exact_match", *(f"eval/{a}_acc" for a in ATTRIBUTES))
 # ViT fields a SigLIP image tower's config carries over to PaliGemma (pooling and head are PaliGemma's own).
@@ -104,6 +115,9 @@ class PaliGemmaTask:
         llm = decoder_config(model.llm.to_dict(), self.processor.vocab_size)
         self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
                                dtype=compute_dtype(model.dtype), scan_layers=model.scan, remat_policy=model.remat)
+        run_info = {"model": paligemma_config_to_dict(self.model.config), "dtype": model.dtype, "scan": model.scan,
+                    "prompt": config.text.prompt}
+        write_text_atomic(Path(workdir) / MODEL_FILE, json.dumps(run_info, indent=2) + "\n")
         self._loader = None
         captions = self.eval_source.captions() if hasattr(self.eval_source, "captions") else []
         longest = max((len(ids) for ids in tokenizer.encode_batch(captions[:2000], add_bos=False)), default=0)
@@ -189,6 +203,22 @@ class PaliGemmaTask:
         logits, _, _ = self.model.apply({"params": params}, batch["input_ids"], positions_from_mask(mask),
                                         make_attn_mask(mask, batch["mask_ar"]), images=batch["image"])
         return logits
+
+
+def is_paligemma_run(path: str | Path) -> bool:
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / TOKENIZER_DIR).is_dir()
+
+
+def load_paligemma_run(workdir: str | Path) -> tuple[PaliGemma, dict[str, Any], PaliGemmaProcessor, str]:
+    """(module, newest checkpoint's params, processor, training prompt) of a PaliGemma training workdir."""
+    workdir = Path(workdir)
+    info = json.loads((workdir / MODEL_FILE).read_text())
+    config = paligemma_config_from_dict(info["model"])
+    module = PaliGemma(config, dtype=compute_dtype(info["dtype"]), scan_layers=info["scan"])
+    _, params = load_params(workdir)
+    processor = PaliGemmaProcessor(load_tokenizer(workdir / TOKENIZER_DIR), image_size=config.vision.image_size,
+                                   num_image_tokens=config.num_image_tokens)
+    return module, jax.tree.map(jnp.asarray, params), processor, info["prompt"]
 
 
 def parse_shapes_caption(text: str, data: ml_collections.ConfigDict) -> dict[str, str | None]:
