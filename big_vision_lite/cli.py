@@ -21,16 +21,22 @@ def _write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def _is_siglip_folder(model: str) -> bool:
+def _folder_model_type(model: str) -> str | None:
+    """config.json's `model_type` when `model` is a folder that has one (packaged names are not folders)."""
     config = Path(model) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "siglip"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    if _is_siglip_folder(args.model):
+    model_type = _folder_model_type(args.model)
+    if model_type == "siglip":
         from big_vision_lite.siglip_parity import run_siglip_parity
 
         report = run_siglip_parity(args.model, args.dtype, tolerance=args.tolerance)
+    elif model_type == "paligemma":
+        from big_vision_lite.paligemma_parity import run_paligemma_parity
+
+        report = run_paligemma_parity(args.model, args.dtype, tolerance=args.tolerance)
     else:
         from big_vision_lite.parity import run_parity
 

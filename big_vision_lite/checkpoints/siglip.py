@@ -44,7 +44,7 @@ from big_vision_lite.checkpoints.atomic import atomic_folder
 from big_vision_lite.checkpoints.hf import CheckpointError, read_folder_tensors, read_hf_config
 from big_vision_lite.models.text import TextConfig
 from big_vision_lite.models.two_towers import TwoTowers, TwoTowersConfig, relayout_params
-from big_vision_lite.models.vit import ViTConfig, stack_encoder_blocks
+from big_vision_lite.models.vit import ViTConfig, relayout_encoder, stack_encoder_blocks
 
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # all tanh-approximated GELU in transformers
 
@@ -60,22 +60,22 @@ def _square(value: Any, name: str, source: str) -> int:
     return int(value)
 
 
-def siglip_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> TwoTowersConfig:
-    """Our `TwoTowersConfig` from a transformers SiglipConfig dict (`model_type: "siglip"`)."""
-    if hf.get("model_type") != "siglip":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'siglip' (a SiglipModel folder)")
-    vision, text = dict(hf.get("vision_config") or {}), dict(hf.get("text_config") or {})
-    for kind, sub in (("vision_config", vision), ("text_config", text)):
-        act = sub.get("hidden_act", "gelu_pytorch_tanh")
-        if act not in _ACTIVATIONS:
-            raise CheckpointError(f"{source}: {kind}.hidden_act {act!r} is not supported; supported: {_ACTIVATIONS}")
+def _check_activation(sub: Mapping[str, Any], kind: str, source: str) -> None:
+    act = sub.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{source}: {kind}.hidden_act {act!r} is not supported; supported: {_ACTIVATIONS}")
+
+
+def vision_config_from_hf(vision: Mapping[str, Any], source: str = "config.json") -> ViTConfig:
+    """Our `ViTConfig` (no linear head) from a transformers SiglipVisionConfig dict (a `vision_config` entry).
+
+    The defaults are transformers' SiglipVisionConfig defaults (what an omitted key means)."""
+    _check_activation(vision, "vision_config", source)
     if vision.get("num_channels", 3) != 3:
         raise CheckpointError(f"{source}: vision_config.num_channels {vision['num_channels']} is not 3")
-    # The defaults are transformers' SiglipVisionConfig / SiglipTextConfig defaults (what an omitted key means).
-    v_width = vision.get("hidden_size", 768)
     try:
-        image = ViTConfig(
-            width=v_width,
+        return ViTConfig(
+            width=vision.get("hidden_size", 768),
             depth=vision.get("num_hidden_layers", 12),
             mlp_dim=vision.get("intermediate_size", 3072),
             num_heads=vision.get("num_attention_heads", 12),
@@ -85,6 +85,37 @@ def siglip_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") ->
             head_size=None,
             norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
         )
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def vision_config_to_hf(img: ViTConfig) -> dict[str, Any]:
+    """The `vision_config` dict (transformers `SiglipVisionConfig`) of a ViT tower; its linear head, if any, is
+    not part of it (SiglipModel has none; PaliGemma's is the separate projector)."""
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": img.width,
+        "intermediate_size": img.mlp_dim,
+        "num_hidden_layers": img.depth,
+        "num_attention_heads": img.num_heads,
+        "num_channels": 3,
+        "image_size": img.image_size,
+        "patch_size": img.patch_size,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": img.norm_eps,
+        "vision_use_head": img.pool_type == "map",
+    }
+
+
+def siglip_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> TwoTowersConfig:
+    """Our `TwoTowersConfig` from a transformers SiglipConfig dict (`model_type: "siglip"`)."""
+    if hf.get("model_type") != "siglip":
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'siglip' (a SiglipModel folder)")
+    vision, text = dict(hf.get("vision_config") or {}), dict(hf.get("text_config") or {})
+    image = vision_config_from_hf(vision, source)
+    _check_activation(text, "text_config", source)
+    # The defaults are transformers' SiglipTextConfig defaults (what an omitted key means).
+    try:
         t_width = text.get("hidden_size", 768)
         txt = TextConfig(
             vocab_size=text.get("vocab_size", 32000),
@@ -113,19 +144,7 @@ def siglip_config_to_hf(cfg: TwoTowersConfig) -> dict[str, Any]:
     if img.pool_type == "map" and txt.head_size != img.width:
         raise ValueError(f"HF SiglipModel needs text.head_size (projection_size) {txt.head_size} == image.width "
                          f"{img.width}")
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": img.width,
-        "intermediate_size": img.mlp_dim,
-        "num_hidden_layers": img.depth,
-        "num_attention_heads": img.num_heads,
-        "num_channels": 3,
-        "image_size": img.image_size,
-        "patch_size": img.patch_size,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": img.norm_eps,
-        "vision_use_head": img.pool_type == "map",
-    }
+    vision_config = vision_config_to_hf(img)
     text_config = {
         "model_type": "siglip_text_model",
         "vocab_size": txt.vocab_size,
@@ -162,11 +181,9 @@ def _encoder_shapes(prefix: str, depth: int, d: int, f: int) -> dict[str, tuple[
     return shapes
 
 
-def expected_siglip_shapes(cfg: TwoTowersConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF SiglipModel checkpoint of `cfg` holds, with its shape."""
-    img, txt = cfg.image, cfg.text
-    d, p = img.width, img.patch_size
-    v = "vision_model."
+def expected_vision_shapes(img: ViTConfig, prefix: str = "vision_model.") -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF SigLIP vision tower under `prefix`, with its shape (its linear head excluded)."""
+    d, p, v = img.width, img.patch_size, prefix
     shapes = {
         f"{v}embeddings.patch_embedding.weight": (d, 3, p, p),
         f"{v}embeddings.patch_embedding.bias": (d,),
@@ -190,6 +207,13 @@ def expected_siglip_shapes(cfg: TwoTowersConfig) -> dict[str, tuple[int, ...]]:
             f"{h}mlp.fc2.weight": (d, img.mlp_dim),
             f"{h}mlp.fc2.bias": (d,),
         }
+    return shapes
+
+
+def expected_siglip_shapes(cfg: TwoTowersConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF SiglipModel checkpoint of `cfg` holds, with its shape."""
+    txt = cfg.text
+    shapes = expected_vision_shapes(cfg.image)
     d, t = txt.width, "text_model."
     shapes |= {
         f"{t}embeddings.token_embedding.weight": (txt.vocab_size, d),
@@ -259,11 +283,11 @@ def _encoder_from_hf(state: Mapping[str, np.ndarray], prefix: str, depth: int, n
     return encoder
 
 
-def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict[str, Any]:
-    """Our params (block layout as `cfg` asks, dtype as stored) from an HF SiglipModel state dict (checked)."""
-    check_siglip_state(state, cfg)
-    img_cfg, txt_cfg = cfg.image, cfg.text
-    v = "vision_model."
+def vision_params_from_hf(state: Mapping[str, np.ndarray], img_cfg: ViTConfig,
+                          prefix: str = "vision_model.") -> dict[str, Any]:
+    """Our ViT params (no `head`; block layout as `img_cfg.scan` asks) from the HF vision tower under `prefix`.
+    The caller checks the state first (names and shapes)."""
+    v = prefix
     conv = state[f"{v}embeddings.patch_embedding.weight"]  # [D, 3, p, p]
     img: dict[str, Any] = {
         "embedding": {"kernel": conv.transpose(2, 3, 1, 0), "bias": state[f"{v}embeddings.patch_embedding.bias"]},
@@ -282,6 +306,16 @@ def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig)
             "LayerNorm_0": _ln(state, f"{h}layernorm"),
             "MlpBlock_0": {"Dense_0": _dense(state, f"{h}mlp.fc1"), "Dense_1": _dense(state, f"{h}mlp.fc2")},
         }
+    if img_cfg.scan:
+        img["Transformer"] = stack_encoder_blocks(img["Transformer"], img_cfg.depth)
+    return img
+
+
+def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict[str, Any]:
+    """Our params (block layout as `cfg` asks, dtype as stored) from an HF SiglipModel state dict (checked)."""
+    check_siglip_state(state, cfg)
+    txt_cfg = cfg.text
+    img = vision_params_from_hf(state, cfg.image)
     t = "text_model."
     txt = {
         "Embed_0": {"embedding": state[f"{t}embeddings.token_embedding.weight"]},
@@ -290,8 +324,6 @@ def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig)
         "head": _dense(state, f"{t}head"),
     }
     params = {"img": img, "txt": txt, "t": state["logit_scale"], "b": state["logit_bias"]}
-    if img_cfg.scan:
-        img["Transformer"] = stack_encoder_blocks(img["Transformer"], img_cfg.depth)
     if txt_cfg.scan:
         txt["Encoder_0"] = stack_encoder_blocks(txt["Encoder_0"], txt_cfg.depth)
     return params
@@ -336,21 +368,19 @@ def _encoder_to_hf(encoder: Mapping[str, Any], prefix: str, depth: int, norm: st
     return state
 
 
-def siglip_params_to_hf(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict[str, np.ndarray]:
-    """The HF SiglipModel state dict of our params (either block layout); the exact inverse of the above."""
-    siglip_config_to_hf(cfg)  # raises if HF cannot express the model
-    unrolled = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, scan=False),
-                                   text=dataclasses.replace(cfg.text, scan=False))
-    params = relayout_params(params, unrolled)
-    img, txt = params["img"], params["txt"]
-    v, t = "vision_model.", "text_model."
+def vision_params_to_hf(img: Mapping[str, Any], img_cfg: ViTConfig,
+                        prefix: str = "vision_model.") -> dict[str, np.ndarray]:
+    """The HF vision tower tensors under `prefix` of our ViT params (either block layout; a `head` is left out);
+    the exact inverse of `vision_params_from_hf`."""
+    v = prefix
+    img = {**img, "Transformer": relayout_encoder(img["Transformer"], img_cfg.depth, scan=False)}
     state = {
         f"{v}embeddings.patch_embedding.weight": _np(np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1)),
         f"{v}embeddings.patch_embedding.bias": _np(img["embedding"]["bias"]),
         f"{v}embeddings.position_embedding.weight": _np(np.asarray(img["pos_embedding"])[0]),
-        **_encoder_to_hf(img["Transformer"], v, cfg.image.depth, f"{v}post_layernorm"),
+        **_encoder_to_hf(img["Transformer"], v, img_cfg.depth, f"{v}post_layernorm"),
     }
-    if cfg.image.pool_type == "map":
+    if img_cfg.pool_type == "map":
         head, h = img["MAPHead_0"], f"{v}head."
         attn = _attn_to_hf(head["MultiHeadDotProductAttention_0"])
         state |= {
@@ -362,6 +392,17 @@ def siglip_params_to_hf(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict
             **_ln_to_hf(head["LayerNorm_0"], f"{h}layernorm"),
         }
         state |= _mlp_to_hf(head["MlpBlock_0"], f"{h}mlp")
+    return state
+
+
+def siglip_params_to_hf(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict[str, np.ndarray]:
+    """The HF SiglipModel state dict of our params (either block layout); the exact inverse of the above."""
+    siglip_config_to_hf(cfg)  # raises if HF cannot express the model
+    unrolled = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, scan=False),
+                                   text=dataclasses.replace(cfg.text, scan=False))
+    params = relayout_params(params, unrolled)
+    txt, t = params["txt"], "text_model."
+    state = vision_params_to_hf(params["img"], unrolled.image)
     state |= {
         f"{t}embeddings.token_embedding.weight": _np(txt["Embed_0"]["embedding"]),
         f"{t}embeddings.position_embedding.weight": _np(np.asarray(txt["pos_embedding"])[0]),

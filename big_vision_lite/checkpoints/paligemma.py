@@ -1,0 +1,282 @@
+"""Hugging Face PaliGemma folders (config.json + *.safetensors) <-> `PaliGemmaConfig` and our params {img, llm}.
+
+Axis letters: E vision width, D decoder width, V embedding rows, L layers.
+
+On-disk names (both read, detected by prefix; `layout` picks the one written):
+
+    "legacy" (hub checkpoints, transformers 4.x)    "model" (transformers >= 4.52 in-memory names)
+    vision_tower.vision_model.*                     model.vision_tower.*
+    multi_modal_projector.linear.{weight, bias}      model.multi_modal_projector.linear.{weight, bias}
+    language_model.model.*                          model.language_model.*
+    language_model.lm_head.weight (optional)        lm_head.weight (optional)
+
+The vision tower is read with or without its `vision_model.` level under either root: transformers 5.x's
+`save_pretrained` writes the legacy root but, its SiglipVisionModel having lost that level, `vision_tower.*`;
+4.52-4.57 held `model.vision_tower.vision_model.*` in memory. What is written is the table above.
+
+Mapping: the vision tower as SigLIP's (checkpoints/siglip.py) -> `img/...`; the projector weight [D, E] and bias
+[D] -> `img/head/{kernel [E, D], bias [D]}`; the decoder as checkpoints/hf.py's -> `llm/...`. The output head is
+tied to the embedding: a stored lm_head must equal it and is not kept. Conversions are pure transposes and
+reshapes, so HF -> ours -> HF returns the same bytes.
+
+The embedding keeps all V = text_config.vocab_size rows. Real checkpoints pad the tokenizer's 257152 ids to 257216
+rows (the image token, 257152, is one of the padding rows); transformers' logits cover every row, so ours do too.
+"""
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from big_vision_lite.checkpoints import parse_dtype
+from big_vision_lite.checkpoints.atomic import atomic_folder
+from big_vision_lite.checkpoints.hf import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    expected_hf_shapes,
+    params_from_hf,
+    params_to_hf,
+    read_folder_tensors,
+    read_hf_config,
+)
+from big_vision_lite.checkpoints.siglip import (
+    expected_vision_shapes,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_params_from_hf,
+    vision_params_to_hf,
+)
+from big_vision_lite.models.gemma import stack_layers, unstack_layers
+from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig
+from big_vision_lite.models.vit import relayout_encoder
+
+TEXT_MODEL_TYPES = ("gemma", "gemma2")  # PaliGemma 1 and PaliGemma 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HFLayout:
+    """Where each part of a PaliGemma lives in an HF state dict (name prefixes, and the tied head's name)."""
+
+    vision: str
+    projector: str
+    llm: str
+    lm_head: str
+
+
+LAYOUTS = {
+    "legacy": HFLayout("vision_tower.vision_model.", "multi_modal_projector.linear.", "language_model.model.",
+                       "language_model.lm_head.weight"),
+    "model": HFLayout("model.vision_tower.", "model.multi_modal_projector.linear.", "model.language_model.",
+                      "lm_head.weight"),
+}
+_LM_HEADS = tuple(layout.lm_head for layout in LAYOUTS.values())
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def paligemma_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> PaliGemmaConfig:
+    """Our `PaliGemmaConfig` from a transformers PaliGemmaConfig dict (`model_type: "paligemma"`).
+
+    Omitted keys mean what transformers gives them: text `model_type` gemma, a tanh-GELU, head_dim 256,
+    `projection_dim` 2048, SigLIP's vision defaults (with `vision_use_head` true, which PaliGemma cannot use).
+    """
+    if hf.get("model_type") != "paligemma":
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'paligemma'")
+    text = {"model_type": "gemma", **(hf.get("text_config") or {})}
+    if text["model_type"] not in TEXT_MODEL_TYPES:
+        raise CheckpointError(f"{source}: text_config.model_type {text['model_type']!r} is not supported; "
+                              f"supported: {TEXT_MODEL_TYPES}")
+    # GemmaConfig's and Gemma2Config's defaults where they differ from what `config_from_hf` assumes (released
+    # PaliGemma 1 configs omit head_dim: 256, which there also equals width / heads).
+    if not (text.get("hidden_activation") or text.get("hidden_act")):
+        text["hidden_act"] = "gelu_pytorch_tanh"
+    if text.get("head_dim") is None:
+        text["head_dim"] = 256
+    for where, value in (("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
+                         ("text_config.tie_word_embeddings", text.get("tie_word_embeddings", True))):
+        if not value:
+            raise CheckpointError(f"{source}: {where} is false; PaliGemma's output head is the embedding (tied)")
+    llm = config_from_hf(text, f"{source} (text_config)")
+    vision = dict(hf.get("vision_config") or {})
+    if vision.get("vision_use_head", True):
+        raise CheckpointError(f"{source}: vision_config.vision_use_head is true (or omitted), but PaliGemma never "
+                              f"uses the MAP head; set it to false (as released checkpoints do) and drop its weights")
+    vit = vision_config_from_hf(vision, source)
+    projection = hf.get("projection_dim", 2048)
+    if projection != llm.width:
+        raise CheckpointError(f"{source}: projection_dim {projection} differs from text_config.hidden_size "
+                              f"{llm.width}; the projector must map image tokens to the decoder width")
+    image_token_id = hf.get("image_token_id", hf.get("image_token_index", 256000))
+    try:
+        return PaliGemmaConfig(vision=dataclasses.replace(vit, head_size=llm.width), llm=llm,
+                               image_token_id=image_token_id)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def paligemma_config_to_hf(cfg: PaliGemmaConfig) -> dict[str, Any]:
+    """The config.json dict (transformers 5.x PaliGemmaConfig) of `cfg`; a ValueError if HF cannot express it."""
+    if cfg.experts:
+        raise ValueError(f"HF PaliGemma has one decoder; this config has {len(cfg.experts)} extra experts")
+    if cfg.llm.family not in TEXT_MODEL_TYPES:
+        raise ValueError(f"HF PaliGemma's decoder is one of {TEXT_MODEL_TYPES}, not {cfg.llm.family!r}")
+    if not cfg.llm.tie_embeddings:
+        raise ValueError("HF PaliGemma ties its output head to the embedding; llm.tie_embeddings must be true")
+    text = config_to_hf(cfg.llm)
+    del text["architectures"]  # a sub-config, not a model of its own
+    d = cfg.llm.width
+    return {
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "model_type": "paligemma",
+        "image_token_index": cfg.image_token_id,
+        "projection_dim": d,
+        "hidden_size": d,
+        "vocab_size": cfg.llm.vocab_size,
+        "tie_word_embeddings": True,
+        "text_config": text,
+        "vision_config": vision_config_to_hf(cfg.vision) | {"projection_dim": d},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+
+
+def detect_layout(state: Mapping[str, Any], source: str = "state dict") -> HFLayout:
+    """The layout of an HF PaliGemma state dict, from its names (see the module docstring)."""
+    base = LAYOUTS["model" if any(name.startswith("model.") for name in state) else "legacy"]
+    root = base.vision.removesuffix("vision_model.")  # "vision_tower." or "model.vision_tower."
+    for vision in (f"{root}vision_model.", root):
+        if any(name.startswith(vision) for name in state):
+            return dataclasses.replace(base, vision=vision)
+    raise CheckpointError(f"{source}: no PaliGemma vision tower found: expected tensors under 'vision_tower.' "
+                          f"(legacy layout) or 'model.vision_tower.' (model layout); names start with "
+                          f"{sorted({name.split('.')[0] for name in state})[:5]}")
+
+
+def expected_paligemma_shapes(cfg: PaliGemmaConfig, layout: HFLayout) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF PaliGemma checkpoint of `cfg` holds in `layout`, with its shape (tied head excluded)."""
+    d, e = cfg.llm.width, cfg.vision.width
+    shapes = expected_vision_shapes(cfg.vision, layout.vision)
+    shapes |= {f"{layout.projector}weight": (d, e), f"{layout.projector}bias": (d,)}
+    return shapes | expected_hf_shapes(cfg.llm, layout.llm)
+
+
+def check_paligemma_state(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, layout: HFLayout,
+                          source: str = "state dict", where: Mapping[str, Any] | None = None) -> None:
+    """Every expected tensor is there with its shape, a stored lm_head equals the embedding, nothing else is
+    there (CheckpointError naming the tensor and its file otherwise)."""
+    where = where or {}
+    expected = expected_paligemma_shapes(cfg, layout)
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {shape})")
+        got = tuple(np.shape(state[name]))
+        if got != shape:
+            raise CheckpointError(f"{where.get(name, source)}: tensor {name!r} has shape {got}, "
+                                  f"config.json implies {shape}")
+    embedding = f"{layout.llm}embed_tokens.weight"
+    for head in (name for name in _LM_HEADS if name in state):
+        if np.shape(state[head]) != np.shape(state[embedding]) or not np.array_equal(state[head], state[embedding]):
+            raise CheckpointError(f"{where.get(head, source)}: tensor {head!r} differs from {embedding!r}; "
+                                  f"PaliGemma's output head is tied to the embedding, so they must be equal")
+    # Rotary tables and position ids are derived buffers; anything else is a feature we would drop.
+    unexpected = sorted(n for n in state if n not in expected and n not in _LM_HEADS
+                        and "rotary_emb" not in n and not n.endswith("position_ids"))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]} (not part of a PaliGemma of this "
+                              f"config)")
+
+
+def paligemma_params_from_hf(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, source: str = "state dict",
+                             where: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Our params {img, llm} (dtype as stored; ViT blocks as `cfg.vision.scan` asks, decoder layers stacked) from
+    an HF PaliGemma state dict in either layout, checked first."""
+    layout = detect_layout(state, source)
+    check_paligemma_state(state, cfg, layout, source, where)
+    img = vision_params_from_hf(state, cfg.vision, layout.vision)
+    img["head"] = {"kernel": state[f"{layout.projector}weight"].T, "bias": state[f"{layout.projector}bias"]}
+    return {"img": img, "llm": params_from_hf(state, cfg.llm, layout.llm)}
+
+
+def paligemma_params_to_hf(params: Mapping[str, Any], cfg: PaliGemmaConfig,
+                           layout: str = "legacy") -> dict[str, np.ndarray]:
+    """The HF state dict of our params (either block layout) in `layout` ("legacy" or "model"), without the tied
+    lm_head (as transformers saves it); the exact inverse of `paligemma_params_from_hf`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
+    paligemma_config_to_hf(cfg)  # raises if HF cannot express the model
+    names = LAYOUTS[layout]
+    img = params["img"]
+    state = vision_params_to_hf(img, cfg.vision, names.vision)
+    state[f"{names.projector}weight"] = np.ascontiguousarray(np.asarray(img["head"]["kernel"]).T)
+    state[f"{names.projector}bias"] = np.ascontiguousarray(np.asarray(img["head"]["bias"]))
+    llm = params["llm"]
+    if "layers" not in llm:
+        llm = stack_layers(llm, cfg.llm.depth)
+    return state | params_to_hf(llm, cfg.llm, names.llm)
+
+
+def relayout_paligemma_params(params: Mapping[str, Any], cfg: PaliGemmaConfig, scan_layers: bool) -> dict[str, Any]:
+    """Params in whichever block layouts they come, returned as a `PaliGemma(cfg, scan_layers=...)` expects:
+    ViT blocks stacked iff `cfg.vision.scan`, decoder layers stacked iff `scan_layers`."""
+    img = {**params["img"], "Transformer": relayout_encoder(params["img"]["Transformer"], cfg.vision.depth,
+                                                            cfg.vision.scan)}
+    llm = params["llm"]
+    if scan_layers and "layers" not in llm:
+        llm = stack_layers(llm, cfg.llm.depth)
+    elif not scan_layers and "layers" in llm:
+        llm = unstack_layers(llm, cfg.llm.depth)
+    return {**params, "img": img, "llm": llm}
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def read_paligemma_hf(folder: str | Path) -> tuple[PaliGemmaConfig, dict[str, Any], dict[str, Any]]:
+    """(config, checked params as `paligemma_params_from_hf` returns them, raw config.json) of an HF folder."""
+    folder = Path(folder)
+    hf = read_hf_config(folder)
+    cfg = paligemma_config_from_hf(hf, str(folder / "config.json"))
+    state, where = read_folder_tensors(folder)
+    files = sorted({str(path) for path in where.values()})
+    source = files[0] if len(files) == 1 else str(folder)
+    return cfg, paligemma_params_from_hf(state, cfg, source, where), hf
+
+
+def load_paligemma(
+    folder: str | Path,
+    dtype: str = "float32",
+    scan_layers: bool = True,
+    **module_kwargs: Any,
+) -> tuple[PaliGemma, dict[str, Any], PaliGemmaConfig]:
+    """(PaliGemma module, params on device in `dtype`, config) of an HF PaliGemma folder.
+
+    Every parameter and the compute of both towers are in `dtype` (as transformers holds a model loaded in it);
+    ViT blocks and decoder layers are both stacked (`scan_layers`) or both unrolled.
+    """
+    compute = parse_dtype(dtype)
+    cfg, params, _ = read_paligemma_hf(folder)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=scan_layers, dtype=dtype))
+    params = relayout_paligemma_params(params, cfg, scan_layers)
+    params = jax.tree.map(lambda a: jnp.asarray(a, compute), params)
+    module = PaliGemma(cfg, dtype=compute, param_dtype=compute, scan_layers=scan_layers, **module_kwargs)
+    return module, params, cfg
+
+
+def save_paligemma_hf(folder: str | Path, cfg: PaliGemmaConfig, params: Mapping[str, Any], layout: str = "legacy",
+                      hf_config: Mapping[str, Any] | None = None) -> Path:
+    """Writes config.json and model.safetensors (tensors as given, names per `layout`); the folder appears only
+    once complete. `hf_config` (e.g. the original config.json) is written instead of the one derived from `cfg`."""
+    state = paligemma_params_to_hf(params, cfg, layout)
+    with atomic_folder(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(dict(hf_config or paligemma_config_to_hf(cfg)), indent=2))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(folder)
