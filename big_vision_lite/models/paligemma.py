@@ -141,8 +141,12 @@ class PaliGemma(nn.Module):
     def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """Decoder inputs [B, T, D]: scaled text embeddings with image tokens at the placeholders."""
         is_image = tokens == self.config.image_token_id
-        # The placeholder id may lie beyond the vocabulary; look up id 0 there (replaced below anyway).
-        x = self.llm.embed(jnp.where(is_image, 0, tokens))
+        if self.config.image_token_id >= self.config.llm.vocab_size:
+            # A placeholder beyond the vocabulary has no row: look up id 0 there (replaced by an image token when
+            # images are given). Inside the vocabulary its own row is used, as transformers does: a generated
+            # image-token id (no image to fill it) must embed as itself.
+            tokens = jnp.where(is_image, 0, tokens)
+        x = self.llm.embed(tokens)
         out: dict[str, Any] = {}
         if images is not None:
             image_tokens, out["vision"] = self.embed_images(images)
