@@ -28,3 +28,16 @@ def test_siglip_notebook_trains_and_plots(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     diagonal, off = map(float, re.search(r"diagonal mean ([-\d.]+), off-diagonal mean ([-\d.]+)", text).groups())
     assert diagonal > off + 0.1  # 120 steps already separate matching pairs from the rest
+
+
+def test_paligemma_notebook_trains_and_captions(tmp_path, monkeypatch):
+    monkeypatch.setenv("BVL_NOTEBOOK_STEPS", "30")
+    monkeypatch.setenv("BVL_NOTEBOOK_SIGLIP_CONFIG", "configs/siglip_shapes.py:smoke")
+    monkeypatch.setenv("BVL_NOTEBOOK_SIGLIP_WORKDIR", str(tmp_path / "siglip"))
+    nb = nbformat.read(NOTEBOOKS / "paligemma.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "paligemma_captions.png").stat().st_size > 10_000
+    assert (tmp_path / "siglip" / "result.json").is_file()  # the vision tower's run was trained first
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    matches = int(re.search(r"exact captions: (\d+) of 12", text).group(1))
+    assert 0 <= matches <= 12 and text.count("->") == 12

@@ -354,3 +354,54 @@ def test_config_errors(folders):
         paligemma_config_to_hf(dataclasses.replace(cfg, experts=(cfg.llm,)))
     with pytest.raises(CheckpointError, match="no PaliGemma vision tower"):
         paligemma_params_from_hf({}, cfg)
+
+
+def test_bvl_generate_with_images_equals_transformers_generate(tmp_path, capsys):
+    """`bvl generate FOLDER --image A --image B --prompt P1 --prompt P2` (prompts of different lengths, left-padded
+    as one batch) gives transformers' greedy ids for the same processor output."""
+    import torch
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from big_vision_lite.data.processor import PaliGemmaProcessor
+
+    folder = build_tiny_paligemma(tmp_path / "pg", "gemma", seed=3)
+    # A word-level tokenizer of 80 ids, so "<image>" becomes id 80 (the checkpoint's image token).
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(76)]
+    rust = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rust.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    rust.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(20, 16), (16, 30)]):
+        paths.append(tmp_path / f"image{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    prompts = ["w5 w9", "w7 w1 w30 w12 w4"]
+    new = 12
+
+    argv = ["generate", str(folder), "--json", "--max-new-tokens", str(new)]
+    for path, prompt in zip(paths, prompts, strict=True):
+        argv += ["--image", str(path), "--prompt", prompt]
+    assert main(argv) == 0
+    completions = json.loads(capsys.readouterr().out)["completions"]
+
+    processor = PaliGemmaProcessor(folder, image_size=16, num_image_tokens=16)
+    batch = processor([Image.open(p) for p in paths], prompts, padding_side="left")
+    assert processor.image_token_id == IMAGE_TOKEN["gemma"]
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = model.generate(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["input_mask"], dtype=torch.long),
+            token_type_ids=torch.tensor(batch["token_type_ids"], dtype=torch.long),
+            pixel_values=torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2),
+            max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = theirs[:, batch["input_ids"].shape[1]:].numpy()
+    for row, completion in zip(theirs, completions, strict=True):  # ours stop at eos, theirs run on
+        assert completion["tokens"] == row[:len(completion["tokens"])].tolist()
+    assert min(len(c["tokens"]) for c in completions) >= 3
+    assert batch["input_mask"][0, 0] == 0  # the shorter prompt really was left-padded
