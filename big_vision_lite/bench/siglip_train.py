@@ -11,7 +11,8 @@ memory (no data loading in the timed loop). The sizes, batch size and optimizer 
   gives the model and the gradients, `make_optimizer` / `make_schedule` the optimizer (global-norm clipping, then
   AdamW on warmup + cosine, decay on ndim >= 2 params), `_make_step` the step over the state {step, params,
   opt_state, rng}, jitted like the trainer does it (state and batch shardings from the config's mesh and rules,
-  state donated) and compiled ahead of time; `compile_s` (lowering + compilation) is reported apart.
+  state donated) and compiled ahead of time; `compile_s` (lowering + compilation) is reported apart. The process's
+  malloc is set up as `train` sets it (`reuse_freed_host_memory`; torch runs in the same process under it).
 - PyTorch: transformers' `SiglipModel` of the same sizes (`siglip_config_to_hf`), loaded strictly with our initial
   parameters (`siglip_params_to_hf`); the loss -sum(log_sigmoid(z * logits_per_image)) / B, z = 2 * eye - 1 (HF's
   logits are exp(logit_scale) * img @ txt.T + logit_bias, ours' too); `clip_grad_norm_`, then `torch.optim.AdamW`
@@ -58,7 +59,7 @@ from big_vision_lite.bench.forward import (
 )
 from big_vision_lite.checkpoints.siglip import siglip_config_to_hf, siglip_params_to_hf
 from big_vision_lite.train.config import load_config
-from big_vision_lite.train.loop import _make_step, _new_state
+from big_vision_lite.train.loop import _make_step, _new_state, reuse_freed_host_memory
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule
 from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 from big_vision_lite.train.siglip import SiglipTask
@@ -305,6 +306,7 @@ def run_siglip_train_bench(
         config.batch_size = batch_size
     if config.get("accum_steps", 1) != 1:
         raise ValueError("the bench times one step on the whole batch; set accum_steps=1")
+    reuse_freed_host_memory()  # as `train` does, before JAX's CPU client starts (same process for torch)
     loadavg_start = loadavg()
     candidates = [torch_threads] if torch_threads else sorted({cpu_count(), 1}, reverse=True)
     previous_threads = torch.get_num_threads()

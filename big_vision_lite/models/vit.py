@@ -137,9 +137,28 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def layer_norm(eps: float, dtype: jnp.dtype, name: str) -> nn.LayerNorm:
-    # Two-pass variance (as torch computes it); statistics in float32 whatever the input dtype.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis D with `scale` [D] and `bias` [D] (flax's names and inits): two-pass variance
+    (as torch computes it), statistics in float32 whatever the input dtype. Written out rather than flax's
+    nn.LayerNorm, which multiplies the scale into rsqrt(var) first: for that [B, T, D] product XLA:CPU wrote the
+    scale broadcast to [B, T, D] into memory in every LayerNorm (the same math; the train step ran ~3% faster)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        x = x.astype(jnp.float32)
+        xc = x - jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        return (xc * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+
+
+def layer_norm(eps: float, dtype: jnp.dtype, name: str) -> LayerNorm:
+    return LayerNorm(eps, dtype, name=name)
 
 
 class MlpBlock(nn.Module):

@@ -15,8 +15,11 @@ gradients for one batch, its data from a given step on, and its evaluation. Ever
   norm among them stops the run before anything after it is saved, so the last checkpoint is a good one.
 """
 
+import ctypes
 import dataclasses
 import json
+import platform
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +41,8 @@ from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batc
 LOOP_KEYS = ("seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +92,24 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be an int >= 1, got {config[key]!r}")
 
 
+def reuse_freed_host_memory() -> bool:
+    """Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel; True if it did.
+
+    XLA:CPU allocates an executable's temporary buffer (all its intermediates, 251 MiB for the SigLIP shapes train
+    step) afresh on every call. glibc serves any request above 32 MiB from a thread's arena with a new mmap and
+    unmaps it on free, so every step page-faulted the whole buffer in again and the kernel zeroed it: a third of
+    the step's CPU time was `sys`. With one arena, no mmap and no trimming, the buffer comes from the heap and the
+    next step reuses the same pages (the step ran ~1.4x faster). The cost: the heap keeps its peak size. Process
+    wide, and threads keep the arena they already use, so call it before JAX starts its CPU client. A no-op on
+    other C libraries.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
 def _new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict[str, Any]:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
 
@@ -131,6 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, 
     `task_factory(config, workdir, mesh) -> Task` builds the task; the loop owns everything else.
     """
     check_loop_config(config)
+    reuse_freed_host_memory()  # before make_mesh starts JAX's CPU client
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
