@@ -22,7 +22,7 @@ import numpy as np
 from big_vision_lite.checkpoints import load_decoder
 from big_vision_lite.models.attention import causal_mask
 from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
-from big_vision_lite.models.paligemma import make_attn_mask
+from big_vision_lite.models.paligemma import check_image_tokens, make_attn_mask
 from big_vision_lite.samplers import SamplerConfig, sample
 from big_vision_lite.timing import timed
 
@@ -141,6 +141,8 @@ def generate(
                          f"+ max_new_tokens {max_new_tokens}: it needs at least {prompt_len + max_new_tokens}")
     if not sampler.greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng)")
+    if images is not None:
+        check_image_tokens(tokens, module.config)  # the merge fills exactly P placeholders per row
     if mask_ar is not None and np.shape(mask_ar) != tokens.shape:
         raise ValueError(f"mask_ar {np.shape(mask_ar)} must have the shape of tokens {tokens.shape}")
     # Inside the while loop a scanned stack slices every layer's weights out of the stacked arrays on every
@@ -213,6 +215,12 @@ def generate_text(
         ids = ids[:length].tolist()
         completions.append({"prompt": prompt, "completion": tokenizer.decode(ids), "tokens": ids,
                             "stopped_at_end": bool(length and ids[-1] in tokenizer.eos_ids)})
+    return _report(model, dtype, sampler, seed, max_new_tokens, completions, result, load, run)
+
+
+def _report(model: str, dtype: str, sampler: SamplerConfig, seed: int, max_new_tokens: int,
+            completions: list[dict[str, Any]], result: Generated, load: Any, run: Any) -> dict[str, Any]:
+    """What `generate_text` / `generate_image_text` return: the settings, the completions and the timings."""
     new_tokens = int(result.lengths.sum())
     return {
         "model": model,
@@ -295,8 +303,4 @@ def generate_image_text(
         ids = ids[:length].tolist()
         completions.append({"prompt": prompt, "image": path, "completion": processor.decode(ids), "tokens": ids,
                             "stopped_at_end": bool(length and ids[-1] in processor.tokenizer.eos_ids)})
-    new_tokens = int(result.lengths.sum())
-    return {"model": model, "dtype": dtype, "sampler": dataclasses.asdict(sampler), "seed": seed,
-            "max_new_tokens": max_new_tokens, "completions": completions, "new_tokens": new_tokens,
-            "load_s": round(load.total_s, 3), "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
-            "tokens_per_s": round(new_tokens / run.run_s, 2) if run.run_s > 0 else None}
+    return _report(model, dtype, sampler, seed, max_new_tokens, completions, result, load, run)

@@ -21,7 +21,6 @@ tolerances as parity.py; `ok` means every relative error is within tolerance and
 
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ from big_vision_lite.checkpoints.paligemma import load_paligemma
 from big_vision_lite.generate import generate, make_apply
 from big_vision_lite.models.gemma import positions_from_mask
 from big_vision_lite.models.paligemma import PaliGemmaConfig, make_attn_mask
-from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, ParityReport, _errors
+from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, ParityReport, _errors, capture_decoder_stages
 
 BOS_ID = 2  # Gemma's
 
@@ -82,29 +81,10 @@ def _torch_forward(model, batch: dict[str, np.ndarray], positions: np.ndarray) -
 
     as_long = lambda a: torch.from_numpy(np.asarray(a, np.int64))  # noqa: E731
     pixels = torch.from_numpy(np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2))).to(model.dtype)
-    body = model.model.language_model
-    captured: dict[str, Any] = {}
-
-    def first(value):
-        return value[0] if isinstance(value, tuple) else value
-
-    def grab_input(_module, args, kwargs):
-        captured["embeddings"] = args[0] if args else kwargs["hidden_states"]
-
-    hooks = [body.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
-    for i, layer in enumerate(body.layers):
-        record = lambda _m, _a, out, i=i: captured.__setitem__(f"layer_{i}", first(out))  # noqa: E731
-        hooks.append(layer.register_forward_hook(record))
-    hooks.append(body.norm.register_forward_hook(lambda _m, _a, out: captured.__setitem__("final_norm", out)))
-    try:
-        with torch.no_grad():
-            vision = model.model.vision_tower(pixels, output_hidden_states=True)
-            out = model(input_ids=as_long(batch["tokens"]), pixel_values=pixels,
-                        attention_mask=as_long(batch["mask"]), position_ids=as_long(positions),
-                        token_type_ids=as_long(batch["mask_ar"]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    with capture_decoder_stages(model.model.language_model) as captured, torch.no_grad():
+        vision = model.model.vision_tower(pixels, output_hidden_states=True)
+        out = model(input_ids=as_long(batch["tokens"]), pixel_values=pixels, attention_mask=as_long(batch["mask"]),
+                    position_ids=as_long(positions), token_type_ids=as_long(batch["mask_ar"]), use_cache=False)
     captured["img/embeddings"] = vision.hidden_states[0]
     captured |= {f"img/layer_{i}": h for i, h in enumerate(vision.hidden_states[1:])}
     captured["img/encoded"] = vision.last_hidden_state

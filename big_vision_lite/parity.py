@@ -7,8 +7,10 @@ left-padded prompts of different lengths (ours: `generate`'s jitted loop; theirs
 the ids are compared. `ok` means every relative error is within tolerance and (float32) the greedy ids match.
 """
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +147,11 @@ def greedy_inputs(name_or_path: str, vocab_size: int, longest: int,
     return *greedy_batch(vocab_size, longest, rows), None
 
 
-def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Runs `model` once and records the input of layer 0, each layer's output, the final norm and the logits."""
-    import torch
-
+@contextlib.contextmanager
+def capture_decoder_stages(body) -> Iterator[dict[str, Any]]:
+    """While open, records into the yielded dict the input of `body.layers[0]` (`embeddings`), each layer's output
+    (`layer_i`) and the final norm's (`final_norm`) of a transformers decoder body (torch tensors)."""
     captured: dict[str, Any] = {}
-    body = model.model
 
     def first(value):
         return value[0] if isinstance(value, tuple) else value
@@ -164,13 +165,20 @@ def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.nd
         hooks.append(layer.register_forward_hook(record))
     hooks.append(body.norm.register_forward_hook(lambda _m, _a, out: captured.__setitem__("final_norm", out)))
     try:
-        with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                        attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                        position_ids=torch.from_numpy(positions.astype(np.int64)), use_cache=False)
+        yield captured
     finally:
         for h in hooks:
             h.remove()
+
+
+def _torch_forward(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Runs `model` once and records the input of layer 0, each layer's output, the final norm and the logits."""
+    import torch
+
+    with capture_decoder_stages(model.model) as captured, torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                    position_ids=torch.from_numpy(positions.astype(np.int64)), use_cache=False)
     captured["logits"] = out.logits
     return {k: v.float().numpy() for k, v in captured.items()}
 

@@ -100,6 +100,14 @@ def test_wrong_image_token_count_is_refused():
         check_image_tokens(tokens[:, 1:], CONFIG)
 
 
+def test_generate_refuses_prompts_without_every_image_token(model):
+    module, params = model
+    tokens, mask = _prompts([[2, 5], [2, 7]])
+    tokens[1, 0] = 9  # row 1 loses a placeholder
+    with pytest.raises(ValueError, match=rf"rows \[1\] hold \[{P - 1}\] image tokens"):
+        generate(module, params, tokens, mask, 2, images=_images(2), mask_ar=np.zeros_like(tokens))
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (dict(vision=ViTConfig(width=24, depth=1, mlp_dim=48, num_heads=2, patch_size=8, image_size=16,
                            pool_type="map", head_size=32)), "pool_type 'none'"),

@@ -309,7 +309,7 @@ def test_folder_with_wrong_tensor_shape(tiny, tmp_path):
     state[name] = np.zeros((95, 48), np.float32)
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'text_model\.encoder\.layers\.1\.mlp\.fc1\."
-                       r"weight' has shape \(95, 48\), the config implies \(96, 48\)"):
+                       r"weight' has shape \(95, 48\), config\.json implies \(96, 48\)"):
         load_siglip_hf(bad)
 
     del state[name]

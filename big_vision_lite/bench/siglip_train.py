@@ -40,7 +40,6 @@ import functools
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -58,7 +57,7 @@ from big_vision_lite.bench.forward import (
     peak_rss_gib,
 )
 from big_vision_lite.checkpoints.siglip import siglip_config_to_hf, siglip_params_to_hf
-from big_vision_lite.train.config import load_config
+from big_vision_lite.train.config import CONFIG_DIR, load_config
 from big_vision_lite.train.loop import _make_step, _new_state, reuse_freed_host_memory
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule
 from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
@@ -67,7 +66,7 @@ from big_vision_lite.train.siglip import SiglipTask
 TARGET_RATIO = 1.3  # ours must train at least this many times as many examples per second as PyTorch
 FIRST_LOSS_TOL = 1e-4  # relative difference of the first step's loss (same weights, same batch; float32)
 CHECK_LOSS_TOL = 1e-3  # relative difference of the loss after `check_steps` steps (float32 drift of the updates)
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "siglip_shapes.py")
+DEFAULT_CONFIG = str(CONFIG_DIR / "siglip_shapes.py")
 # transformers' attention implementations timed on the PyTorch side; the faster one is the reference. On the 2-core
 # AVX-512 CPU at the shapes config's sizes, eager ran ~15% faster than sdpa (130 against 150 ms per step).
 TORCH_IMPLS = ("eager", "sdpa")
@@ -76,10 +75,7 @@ TORCH_IMPLS = ("eager", "sdpa")
 def _resolve_config(config: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if isinstance(config, ml_collections.ConfigDict):
         return ml_collections.ConfigDict(config.to_dict())  # a copy: the bench may change its batch size
-    path, sep, arg = str(config).partition(":")
-    if not Path(path).is_file() and (Path(DEFAULT_CONFIG).parent / Path(path).name).is_file():
-        path = str(Path(DEFAULT_CONFIG).parent / Path(path).name)  # "configs/x.py" from any working directory
-    return load_config(path + sep + arg)
+    return load_config(str(config))  # "configs/x.py" resolves from any working directory
 
 
 def bench_batches(image_size: int, max_len: int, vocab_size: int, batch: int, count: int,

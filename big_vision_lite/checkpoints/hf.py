@@ -10,7 +10,7 @@ gate_proj/up_proj [F, D], down_proj [D, F], embed_tokens/lm_head [V, D], norms [
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +311,20 @@ def read_folder_tensors(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, 
     return state, where
 
 
+def check_tensor_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str,
+                        where: Mapping[str, Any] | None = None) -> None:
+    """Every `expected` tensor is in `state` with its shape; the CheckpointError names the tensor and its file
+    (`where[name]`, else `source`)."""
+    where = where or {}
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {shape})")
+        got = tuple(np.shape(state[name]))
+        if got != shape:
+            raise CheckpointError(f"{where.get(name, source)}: tensor {name!r} has shape {got}, "
+                                  f"config.json implies {shape}")
+
+
 def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
     """Config and params (scan layout, dtype as stored) of an HF decoder folder, every tensor checked."""
     folder = Path(folder)
@@ -319,14 +333,7 @@ def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
     state, where = read_folder_tensors(folder)
     prefix = "model." if "model.embed_tokens.weight" in state else ""
     expected = expected_hf_shapes(cfg, prefix)
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{folder}: tensor {name!r} is missing (expected shape {shape})")
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"{where[name]}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"config.json implies {shape}"
-            )
+    check_tensor_shapes(state, expected, str(folder), where)
     # A tied head may still be stored; rotary buffers are derived. Anything else is a feature we would drop.
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
     unexpected = sorted(n for n in state if n not in expected and n not in ignorable and "rotary_emb" not in n)

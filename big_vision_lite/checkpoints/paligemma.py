@@ -38,6 +38,7 @@ from big_vision_lite.checkpoints import parse_dtype
 from big_vision_lite.checkpoints.atomic import atomic_folder
 from big_vision_lite.checkpoints.hf import (
     CheckpointError,
+    check_tensor_shapes,
     config_from_hf,
     config_to_hf,
     expected_hf_shapes,
@@ -175,13 +176,7 @@ def check_paligemma_state(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig,
     there (CheckpointError naming the tensor and its file otherwise)."""
     where = where or {}
     expected = expected_paligemma_shapes(cfg, layout)
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {shape})")
-        got = tuple(np.shape(state[name]))
-        if got != shape:
-            raise CheckpointError(f"{where.get(name, source)}: tensor {name!r} has shape {got}, "
-                                  f"config.json implies {shape}")
+    check_tensor_shapes(state, expected, source, where)
     embedding = f"{layout.llm}embed_tokens.weight"
     for head in (name for name in _LM_HEADS if name in state):
         if np.shape(state[head]) != np.shape(state[embedding]) or not np.array_equal(state[head], state[embedding]):

@@ -41,7 +41,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.checkpoints.hf import CheckpointError, read_folder_tensors, read_hf_config
+from big_vision_lite.checkpoints.hf import CheckpointError, check_tensor_shapes, read_folder_tensors, read_hf_config
 from big_vision_lite.models.text import TextConfig
 from big_vision_lite.models.two_towers import TwoTowers, TwoTowersConfig, relayout_params
 from big_vision_lite.models.vit import ViTConfig, relayout_encoder, stack_encoder_blocks
@@ -233,14 +233,7 @@ def check_siglip_state(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig, so
                        where: Mapping[str, Any] | None = None) -> None:
     """Every expected tensor is present with its shape and nothing else is there (CheckpointError otherwise)."""
     expected = expected_siglip_shapes(cfg)
-    where = where or {}
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {shape})")
-        got = tuple(np.shape(state[name]))
-        if got != shape:
-            raise CheckpointError(f"{where.get(name, source)}: tensor {name!r} has shape {got}, "
-                                  f"the config implies {shape}")
+    check_tensor_shapes(state, expected, source, where)
     # position_ids are derived buffers (older transformers saved them); anything else is a feature we would drop.
     unexpected = sorted(n for n in state if n not in expected and not n.endswith("position_ids"))
     if unexpected:
