@@ -66,7 +66,9 @@ class Attention(nn.Module):
     grown `(k, v)`, and the probabilities [B, N, T, S] when `return_probs` (else None).
 
     With `cache_index` the cache is fixed-capacity instead: the new keys and values are written at slots
-    `cache_index ... cache_index + T - 1` of the preallocated `(k, v)` [B, S, K, H] and S never changes.
+    `cache_index ... cache_index + T - 1` of the preallocated `(k, v)` [B, S, K, H] and S never changes. A
+    `cache_index` of shape [B, K] (one new token, T = 1) names a slot per row and kv head instead: what an
+    evicting cache uses, whose rows and heads free different slots. Its mask is then per kv head, [B, K, T, S].
     """
 
     configs: Sequence[Any]
@@ -122,6 +124,13 @@ class Attention(nn.Module):
             cache_k, cache_v = kv_cache
             k = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)  # [B, S, K, H]
             v = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+        elif kv_cache is not None and jnp.ndim(cache_index) == 2:
+            cache_k, cache_v = kv_cache
+            assert k.shape[1] == 1, f"per-head slots take one new token at a time, got {k.shape[1]}"
+            rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+            heads = jnp.arange(num_kv_heads)[None, :]  # [1, K]
+            k = cache_k.at[rows, cache_index, heads].set(k[:, 0].astype(cache_k.dtype))  # [B, S, K, H]
+            v = cache_v.at[rows, cache_index, heads].set(v[:, 0].astype(cache_v.dtype))
         elif kv_cache is not None:
             cache_k, cache_v = kv_cache
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))  # [B, S, K, H]
@@ -133,9 +142,14 @@ class Attention(nn.Module):
             cap = first.attn_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
         batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
-        if attn_mask.shape != (batch, q_len, kv_len):
-            raise ValueError(f"attn_mask has shape {attn_mask.shape}, expected [B, T, S] = {(batch, q_len, kv_len)}")
-        logits = jnp.where(attn_mask[:, None, None, :, :], logits, BIG_NEG)
+        if attn_mask.shape == (batch, q_len, kv_len):
+            head_mask = attn_mask[:, None, None, :, :]  # [B, 1, 1, T, S]
+        elif attn_mask.shape == (batch, num_kv_heads, q_len, kv_len):
+            head_mask = attn_mask[:, :, None, :, :]  # [B, K, 1, T, S]: a kv head's query heads share its keys
+        else:
+            raise ValueError(f"attn_mask has shape {attn_mask.shape}, expected [B, T, S] = {(batch, q_len, kv_len)} "
+                             f"or [B, K, T, S] = {(batch, num_kv_heads, q_len, kv_len)}")
+        logits = jnp.where(head_mask, logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, K, G, T, S]
         encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
         encoded = einops.rearrange(encoded, "B T K G H -> B T (K G) H")

@@ -122,6 +122,21 @@ class KVCache(NamedTuple):
                        jnp.pad(self.positions, [(0, 0), (0, capacity - length)]), jnp.asarray(length, jnp.int32))
 
 
+class SlotCache(NamedTuple):
+    """A per-layer cache in which every batch row and kv head holds its own set of tokens (what eviction needs).
+
+    Layer i: `k[i]`, `v[i]` [B, S_i, K, H] and `positions[i]` [B, K, S_i], the absolute position of the token in
+    each slot or -1 where the slot is free. S_i may differ between layers. `slots[i]` [B, K] is where the call's
+    one new token goes; the caller has already written its position there, so masks come from `positions` alone:
+    a query sees the valid slots at or before its position (and within the window on sliding layers).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    positions: tuple[jax.Array, ...]
+    slots: tuple[jax.Array, ...]
+
+
 class Embedder(nn.Module):
     """Token embedding [V, D] (scaled by sqrt(D) for Gemma) and the output head (tied unless configured)."""
 
@@ -202,7 +217,10 @@ class Block(nn.Module):
             None if x is None else norm(_name("pre_attention_norm", i), cfg)(x)
             for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True))
         ]
-        mask = full_mask if sliding_mask is None else jnp.where(layer["sliding"], sliding_mask, full_mask)
+        if "mask" in layer:  # a slot cache brings this layer's own [B, K, T, S] mask and per-head slots
+            mask, cache_index = layer["mask"], layer["slots"]
+        else:
+            mask = full_mask if sliding_mask is None else jnp.where(layer["sliding"], sliding_mask, full_mask)
         cache = (layer["k"], layer["v"]) if "k" in layer else None
         attn = Attention(self.configs, self.dtype, self.param_dtype, self.return_probs, name="attn")
         attn_outs, (k, v), probs = attn(normed, positions, mask, layer["inv_freq"], cache, cache_index)
@@ -291,6 +309,8 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
     ) -> tuple[list[jax.Array | None], KVCache, dict[str, Any]]:
         """Runs the blocks and final norms on per-expert embeddings; positions/mask cover their concatenation."""
+        if isinstance(cache, SlotCache):
+            return self._forward_slots(xs, positions, cache)
         first = self.configs[0]
         index = None if cache is None else cache.index
         if cache is None:
@@ -334,6 +354,33 @@ class Decoder(nn.Module):
             out["attn_probs"] = ys["probs"]
         new_index = None if index is None else index + positions.shape[1]
         return xs, KVCache(ys["k"], ys["v"], key_positions, new_index), out
+
+    def _forward_slots(self, xs: Sequence[jax.Array | None], positions: jax.Array, cache: SlotCache
+                       ) -> tuple[list[jax.Array | None], SlotCache, dict[str, Any]]:
+        """`forward` for one new token per row over a `SlotCache`; `attn_probs` is a tuple of [B, N, 1, S_i]."""
+        first = self.configs[0]
+        if self.scan_layers:
+            raise ValueError("a SlotCache is kept per layer: decode with scan_layers=False (see for_decoding)")
+        if positions.shape[1] != 1:
+            raise ValueError(f"a SlotCache takes one new token per row, got {positions.shape[1]}")
+        query = positions[:, None, :, None]  # [B, 1, T, 1]
+        ks, vs, probs = [], [], []
+        for i, block in enumerate(self.layers):
+            key = cache.positions[i][:, :, None, :]  # [B, K, 1, S_i]
+            mask = (key >= 0) & (key <= query)  # [B, K, T, S_i]
+            if first.is_sliding[i]:
+                mask &= query - key < first.sliding_window
+            layer = {"inv_freq": jnp.asarray(first.inv_freq[i]), "k": cache.k[i], "v": cache.v[i], "mask": mask,
+                     "slots": cache.slots[i]}
+            xs, y = block(list(xs), layer, positions, None, None, None)
+            ks.append(y["k"])
+            vs.append(y["v"])
+            probs.append(y.get("probs"))
+        xs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
+        out = {"final": xs[0]}
+        if self.return_probs:
+            out["attn_probs"] = tuple(probs)
+        return xs, cache._replace(k=tuple(ks), v=tuple(vs)), out
 
     def __call__(
         self,
