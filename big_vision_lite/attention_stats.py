@@ -42,15 +42,25 @@ def _check_look_back(look_back: int) -> None:
 def top_p_mask(probs: jax.Array, p: float) -> jax.Array:
     """bool [..., S]: the fewest keys whose probabilities, largest first, sum to at least `p` (the top-p set).
 
-    Keys tied with the smallest member are all included; keys of zero probability never are. Works without a
-    scatter: the set is every key at or above the smallest member's probability.
+    Keys tied with the smallest member are all included; keys of zero probability never are. Rather than sort
+    (~30x slower on XLA's CPU backend, and this runs on every layer of every decode step when a cache evicts by
+    it), it bisects for the smallest member: the float32 bit patterns of non-negative numbers are ordered like
+    the numbers, so 31 halvings of the integer range find the exact threshold.
     """
     _check_p(p)
-    ordered = -jnp.sort(-probs, axis=-1)  # [..., S] descending
-    mass_before = jnp.cumsum(ordered, axis=-1) - ordered  # mass of the strictly larger keys
-    needed = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # [..., 1] >= 1: the first key is always needed
-    smallest = jnp.take_along_axis(ordered, needed - 1, axis=-1)  # [..., 1]
-    return (probs >= smallest) & (probs > 0)
+    probs = probs.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [..., S] ordered like probs (all >= 0)
+    low = jnp.zeros((*probs.shape[:-1], 1), jnp.int32)  # invariant: the keys >= low hold mass >= p (or all mass)
+    high = jnp.max(bits, axis=-1, keepdims=True) + 1  # the keys >= high hold nothing
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(jnp.where(bits >= middle, probs, 0.0), axis=-1, keepdims=True) >= p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+    low, _ = jax.lax.fori_loop(0, 31, halve, (low, high))
+    return (bits >= low) & (probs > 0)
 
 
 def top_p_size(probs: jax.Array, p: float) -> jax.Array:

@@ -83,6 +83,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from big_vision_lite.checkpoints import load_decoder
+    from big_vision_lite.generate import left_pad
+    from big_vision_lite.inspect_attention import capture_generation, check_settings, write_report
+    from big_vision_lite.tokenizer import load_tokenizer
+
+    check_settings(args.max_new_tokens, args.p, args.num_sinks, args.look_back, args.similarity)  # before loading
+    tokenizer = load_tokenizer(args.model)
+    module, params, _ = load_decoder(args.model, args.dtype, scan_layers=False)
+    tokens, mask = left_pad(tokenizer.encode_batch([args.prompt]), tokenizer.pad_id)
+    capture = capture_generation(module, params, tokens, mask, args.max_new_tokens, layers=args.layers, p=args.p,
+                                 num_sinks=args.num_sinks)
+    summary = write_report(capture, args.out, look_back=args.look_back, similarity_threshold=args.similarity,
+                           tokenizer=tokenizer, model=args.model, prompt=args.prompt)
+    print(f"--- {args.prompt!r}\n{args.prompt}{summary['completion']}")
+    print(f"{'layer':>5} {'set size':>8} {'sink':>6} {'forgotten':>9} {'revived':>7} {'k&v pairs':>9}")
+    for layer in summary["per_layer"]:
+        print(f"{layer['layer']:>5} {layer['mean_set_size_decode']:>8.2f} {layer['sink_share_decode']:>6.3f} "
+              f"{sum(layer['forgotten_per_head']):>9} {sum(layer['revived_per_head']):>7} "
+              f"{sum(layer['kv_similarity']['both_pairs']):>9}")
+    print(f"--- {summary['prompt_len']} prompt + {summary['new_tokens']} new tokens, top-{args.p} sets, look-back "
+          f"{args.look_back} ({summary['eligible_keys']} keys eligible to be forgotten); wrote "
+          f"{', '.join(['summary.json', *summary['files']])} to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     print(f"== Golden-value parity: {DEMO_MODEL} (real Google weights) against transformers (PyTorch) ==")
     status = cmd_parity(argparse.Namespace(model=DEMO_MODEL, dtype="float32", seq_len=None, tolerance=None, json=None))
@@ -190,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", action="store_true", help="print the completions and timings as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="greedy generation that records attention: top-p sets, forgotten and revived "
+                                       "keys, sinks, k/v similarity (JSON + PNG plots)")
+    p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="decoded without stopping at an end token")
+    p.add_argument("--p", type=float, default=0.95, help="the attention mass of each query's top-p key set")
+    p.add_argument("--look-back", type=int, default=20, help="queries after which an unused key counts as forgotten")
+    p.add_argument("--layers", type=int, nargs="+", help="layer indices to capture (default: all)")
+    p.add_argument("--num-sinks", type=int, default=1, help="leading positions counted as attention sinks")
+    p.add_argument("--similarity", type=float, default=0.9, help="cosine threshold of the k/v similarity counts")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--out", required=True, help="folder for summary.json and the PNG plots")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help=f"the main job: parity of {DEMO_MODEL} against PyTorch")
     p.set_defaults(func=cmd_demo)

@@ -41,3 +41,20 @@ def test_paligemma_notebook_trains_and_captions(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     matches = int(re.search(r"exact captions: (\d+) of 12", text).group(1))
     assert 0 <= matches <= 12 and text.count("->") == 12
+
+
+@pytest.mark.real
+def test_attention_notebook_reproduces_the_analysis(tmp_path, monkeypatch):
+    monkeypatch.setenv("BVL_NOTEBOOK_NEW_TOKENS", "64")
+    nb = nbformat.read(NOTEBOOKS / "attention.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (tmp_path / "attention_stats.png").stat().st_size > 10_000
+    assert (tmp_path / "inspect_smollm2-135m" / "top_p_membership.png").stat().st_size > 10_000
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    for name in ("smollm2-135m", "gemma3-270m"):
+        size, visible = map(float, re.search(
+            rf"{name}: mean top-0.95 set size ([\d.]+) keys per query \(of ([\d.]+) visible\)", text).groups())
+        assert 1 <= size < visible
+        forgotten, judged = map(int, re.search(rf"{name} forgotten \(look-back 20\): (\d+) of (\d+)", text).groups())
+        assert 0 < forgotten < judged
+        assert 0 < float(re.search(rf"{name} sink share: mean ([\d.]+)", text).group(1)) < 1
