@@ -187,6 +187,22 @@ def cmd_bench_siglip_train(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
+    from big_vision_lite.bench.kv_eviction import (
+        format_kv_eviction_table,
+        plot_kv_eviction,
+        run_kv_eviction_bench,
+        settings_from_args,
+    )
+
+    result = run_kv_eviction_bench(args.model, **settings_from_args(args))
+    print(format_kv_eviction_table(result))
+    _write_json(args.json, result)
+    if args.plot:
+        plot_kv_eviction(result, args.plot)
+    return 0 if result["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bvl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench_decode)
+    p = bench_sub.add_parser("kv-eviction", help="KV-cache eviction policies on real text: quality per memory budget "
+                                                 "against the full cache, passkey probe, step-time overhead")
+    p.add_argument("model", help="an HF folder or a packaged model name (smollm2-135m, gemma3-270m)")
+    p.add_argument("--text-file", action="append", help="a text of at least 2000 tokens, or a shipped one: kjv, "
+                                                        "jargon (repeatable; default: kjv, Genesis 1-6)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens of each document to evaluate")
+    p.add_argument("--budgets", type=float, nargs="+", help="cache fractions (default 0.1 0.2 0.3 0.5)")
+    p.add_argument("--policies", nargs="+", help="a subset of streaming h2o tova random recently_activated")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--plot", help="write the quality-vs-memory and step-time plot (PNG) to this file")
+    p.set_defaults(func=cmd_bench_kv_eviction)
     p = bench_sub.add_parser("siglip-loss", help="sigmoid loss, dense vs blocked: peak memory and time")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench_siglip_loss)

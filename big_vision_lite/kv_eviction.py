@@ -191,7 +191,7 @@ def step(module: nn.Module, params: Any, state: EvictionState, token: jax.Array,
          capacity: jax.Array, policy: EvictionPolicy, evict_layers: tuple[bool, ...], rng: jax.Array
          ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...], EvictionState]:
     """One decode step: writes `token` [B] at `position` [B] into a free slot per row and kv head, runs `module`
-    (unrolled layers, `return_probs=True`), then updates the scores and evicts on `evict_layers`.
+    (unrolled layers), then updates the scores and evicts on `evict_layers`.
 
     Returns logits [B, V], the step's attention [B, N, S_i] per layer, the positions each head held during
     the step [B, K, S_i] per layer, and the new state. Call it inside `jit`.
@@ -204,6 +204,7 @@ def step(module: nn.Module, params: Any, state: EvictionState, token: jax.Array,
         held.append(jnp.where(here, position[:, None, None], pos))
         scores.append(jnp.where(here, 0.0, score))  # a new token starts with a clean score
     cache = SlotCache(cache.k, cache.v, tuple(held), free_slot)
+    module = module.clone(return_probs=True)  # the scores feed on every layer's attention
     logits, cache, out = module.apply({"params": params}, token[:, None], position[:, None], None, cache)
     probs = tuple(p[:, :, 0] for p in out["attn_probs"])  # [B, N, S_i]
 
