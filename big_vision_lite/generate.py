@@ -65,6 +65,20 @@ class _LoopState(NamedTuple):
     rng: jax.Array
 
 
+def decode_step(module: nn.Module, params: Any, token: jax.Array, cache: KVCache, key_valid: jax.Array,
+                position: jax.Array) -> tuple[jax.Array, KVCache, jax.Array, dict[str, Any]]:
+    """One step of a decode loop over a fixed-capacity cache: writes `token` [B] at slot `cache.index` and
+    position `position` [B, 1], masked from the stored key positions and validity `key_valid` [B, S].
+
+    Returns the logits [B, 1, V], the cache, the new key_valid and the decoder's `out` dict.
+    """
+    key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones_like(key_valid[:, :1]), (0, cache.index))
+    key_positions = jax.lax.dynamic_update_slice(cache.positions, position, (0, cache.index))
+    mask = causal_mask(position, key_positions, key_valid)  # [B, 1, S]
+    logits, cache, out = module.apply({"params": params}, token[:, None], position, mask, cache)
+    return logits, cache, key_valid, out
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(3,))
 def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCache, key_valid: jax.Array,
                  position: jax.Array, max_new_tokens: int, sampler: SamplerConfig, end_ids: tuple[int, ...],
@@ -81,10 +95,7 @@ def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCach
     def body(s: _LoopState) -> _LoopState:
         out = s.out.at[:, s.step].set(jnp.where(s.done, pad_id, s.token))
         done = s.done | jnp.isin(s.token, ends)
-        key_valid = jax.lax.dynamic_update_slice(s.key_valid, jnp.ones_like(s.key_valid[:, :1]), (0, s.cache.index))
-        key_positions = jax.lax.dynamic_update_slice(s.cache.positions, s.position, (0, s.cache.index))
-        mask = causal_mask(s.position, key_positions, key_valid)  # [B, 1, S]
-        logits, cache, _ = module.apply({"params": params}, s.token[:, None], s.position, mask, s.cache)
+        logits, cache, key_valid, _ = decode_step(module, params, s.token, s.cache, s.key_valid, s.position)
         token = sample(logits[:, -1], jax.random.fold_in(s.rng, s.step), sampler)
         return _LoopState(s.step + 1, token, cache, key_valid, s.position + 1, out, done, s.rng)
 

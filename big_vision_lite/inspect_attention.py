@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite import attention_stats as stats
-from big_vision_lite.generate import GREEDY, make_apply
-from big_vision_lite.models.attention import causal_mask
+from big_vision_lite.generate import GREEDY, decode_step, make_apply
 from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
 from big_vision_lite.samplers import sample
 
@@ -98,17 +97,15 @@ def _capture_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCac
                   keep_probs: bool) -> tuple[dict[str, jax.Array], KVCache]:
     """Feeds `first` [B], then each greedy id, for `max_new_tokens` steps; returns the per-step outputs and cache.
 
-    The step body is `generate._decode_loop`'s without the early stop: the fed id is written at slot
-    `cache.index`, the mask comes from the stored key positions and validity, and the logits give the next id.
+    Each step is `generate.decode_step` (as in `generate`'s loop, without the early stop); the logits give the
+    next id.
     """
     chosen = np.asarray(layers)
 
     def body(carry: tuple, _: None) -> tuple[tuple, dict[str, jax.Array]]:
         token, cache, key_valid, position = carry
-        key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones_like(key_valid[:, :1]), (0, cache.index))
-        key_positions = jax.lax.dynamic_update_slice(cache.positions, position, (0, cache.index))  # [B, S]
-        mask = causal_mask(position, key_positions, key_valid)  # [B, 1, S]
-        logits, cache, out = module.apply({"params": params}, token[:, None], position, mask, cache)
+        logits, cache, key_valid, out = decode_step(module, params, token, cache, key_valid, position)
+        key_positions = cache.positions  # [B, S], this step's position written
         probs = out["attn_probs"][chosen, :, :, 0]  # [L, B, N, S]
         ys = {"token": token, "member": stats.top_p_mask(probs, p), "set_size": stats.top_p_size(probs, p),
               "sink_mass": stats.sink_mass(probs, num_sinks, key_positions[:, None, :])}
