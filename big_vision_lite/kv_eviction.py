@@ -9,10 +9,11 @@ score [B, K, S] from the step's attention, and frees slots so that the next toke
 shape, so the step compiles once.
 
 A row's `capacity` bounds how many tokens each of its kv heads may hold on the evicting layers; a row whose
-capacity is at least the slot count never evicts (the full-cache reference). Sinks (the first `num_sinks`
-positions) and a recent window (the last `recent_window` positions, the current token included) are never
-evicted. Decisions are per row and per kv head: a kv head's score sums (or, for top-p sets, unites) over its G
-query heads; `scope="layer"` takes one decision per layer over all heads, as the seed notebook did.
+capacity is at least the slot count never evicts at all (the full-cache reference; recently_activated's threshold
+evictions included, so with room for every token each policy equals the full cache exactly). Sinks (the first
+`num_sinks` positions) and a recent window (the last `recent_window` positions, the current token included) are
+never evicted. Decisions are per row and per kv head: a kv head's score sums (or, for top-p sets, unites) over
+its G query heads; `scope="layer"` takes one decision per layer over all heads, as the seed notebook did.
 
 Policies (the score each keeps per slot; the lowest eligible one is evicted when a row is at capacity):
 - `full`: never evicts (a control).

@@ -304,7 +304,7 @@ def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
         memory = [r["memory"] for r in rows]
         axes[0].plot(memory, [r["ppl_ratio"] for r in rows], "o-", label=name)
         axes[1].plot(memory, [r["top1_agreement"] for r in rows], "o-", label=name)
-    axes[0].set(xlabel="memory (tokens held / full cache)", ylabel="perplexity / full cache's", yscale="log",
+    axes[0].set(xlabel="memory (tokens held / full cache)", ylabel="perplexity / full cache's",
                 title="perplexity ratio")
     axes[1].set(xlabel="memory (tokens held / full cache)", ylabel="top-1 agreement with the full cache",
                 title="top-1 agreement")
@@ -316,6 +316,8 @@ def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
                  label=f"recently_activated, {result['speed']['capacity']} slots")
     axes[2].set(xlabel="context length (tokens)", ylabel="ms per decode step (batch 1)", xscale="log",
                 title="decode step time")
+    axes[2].set_xticks(lengths, [str(n) for n in lengths])
+    axes[2].minorticks_off()
     axes[2].legend(fontsize=8)
     fig.suptitle(f"KV eviction, {result['model']}")
     fig.tight_layout()
