@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens of each document to evaluate")
     p.add_argument("--budgets", type=float, nargs="+", help="cache fractions (default 0.1 0.2 0.3 0.5)")
     p.add_argument("--policies", nargs="+", help="a subset of streaming h2o tova random recently_activated")
+    p.add_argument("--speed-only", action="store_true", help="only the step-time overhead and crossover")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write the quality-vs-memory and step-time plot (PNG) to this file")

@@ -112,6 +112,18 @@ def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCach
     return final.out, final.done, cache
 
 
+def check_prompts(tokens: np.ndarray, input_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, input_mask as bool) of a left-padded prompt batch [B, T]; refuses empty rows and right padding."""
+    tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
+    if tokens.ndim != 2 or tokens.shape != input_mask.shape:
+        raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must both be [B, T]")
+    if empty := [i for i, row in enumerate(input_mask) if not row.any()]:
+        raise ValueError(f"prompt rows {empty} are empty: every prompt needs at least one token")
+    if not input_mask[:, -1].all():
+        raise ValueError("prompts must be left-padded: the last column of input_mask must be all ones")
+    return tokens, input_mask
+
+
 def generate(
     module: nn.Module,
     params: Any,
@@ -133,18 +145,12 @@ def generate(
     `images` [B, R, R, 3] fill the prompts' image placeholders and `mask_ar` [B, T] (zeros: the whole prompt is
     one bidirectional prefix) makes the prefill mask prefix-LM instead of causal; new tokens are always causal.
     """
-    tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
-    if tokens.ndim != 2 or tokens.shape != input_mask.shape:
-        raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must both be [B, T]")
+    tokens, input_mask = check_prompts(tokens, input_mask)
     prompt_len = tokens.shape[1]
     capacity = prompt_len + max_new_tokens if cache_length is None else cache_length
     if prompt_len > capacity:
         raise ValueError(f"the prompt batch is {prompt_len} tokens long (padding included), longer than the "
                          f"cache of {capacity} slots (cache_length)")
-    if empty := [i for i, row in enumerate(input_mask) if not row.any()]:
-        raise ValueError(f"prompt rows {empty} are empty: every prompt needs at least one token")
-    if not input_mask[:, -1].all():
-        raise ValueError("prompts must be left-padded: the last column of input_mask must be all ones")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > capacity:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite import attention_stats as stats
-from big_vision_lite.generate import GREEDY, decode_step, make_apply
+from big_vision_lite.generate import GREEDY, check_prompts, decode_step, make_apply
 from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
 from big_vision_lite.samplers import sample
 
@@ -148,13 +148,7 @@ def capture_generation(
     leading positions counted as attention sinks. With `keep_probs` the full probabilities come back too
     (prefill [L, B, N, T, T], steps [M, L, B, N, S]); without, only the reduced statistics.
     """
-    tokens, input_mask = np.asarray(tokens), np.asarray(input_mask, bool)
-    if tokens.ndim != 2 or tokens.shape != input_mask.shape:
-        raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must both be [B, T]")
-    if empty := [i for i, row in enumerate(input_mask) if not row.any()]:
-        raise ValueError(f"prompt rows {empty} are empty: every prompt needs at least one token")
-    if not input_mask[:, -1].all():
-        raise ValueError("prompts must be left-padded: the last column of input_mask must be all ones")
+    tokens, input_mask = check_prompts(tokens, input_mask)
     check_settings(max_new_tokens, p, num_sinks)
     layers = check_layers(layers, module.configs[0].depth)
 

@@ -174,40 +174,49 @@ def _run_steps(module: Any, params: Any, state: EvictionState, capacity: jax.Arr
     return state, token
 
 
-def step_ms(module: Any, params: Any, cfg: Any, policy: EvictionPolicy, slots: int, held: int, capacity: int,
-            evict_layers: tuple[bool, ...], repeats: int = 3) -> float:
-    """Milliseconds per decode step (batch 1) over `slots` slots already holding `held` tokens."""
+def step_times(module: Any, params: Any, cfg: Any, configs: dict[str, tuple[EvictionPolicy, int, int, int]],
+               evict_layers: tuple[bool, ...], rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per decode step (batch 1) of each configuration `(policy, slots, held tokens, capacity)`.
+
+    All are compiled first, then timed in `rounds` interleaved rounds (the best of each is kept), so a burst of
+    load on the shared host slows every configuration of a round alike instead of one of them.
+    """
     dtype = jax.tree.leaves(params)[0].dtype
-    times = []
-    for attempt in range(repeats + 1):
+
+    def once(policy: EvictionPolicy, slots: int, held: int, capacity: int) -> float:
         state = _random_state(cfg, slots, held, 1, dtype)
         begin = time.perf_counter()
-        state, token = _run_steps(module, params, state, jnp.asarray([capacity], jnp.int32), jnp.asarray(held),
-                                  policy=policy, evict_layers=evict_layers, steps=SPEED_STEPS)
+        _, token = _run_steps(module, params, state, jnp.asarray([capacity], jnp.int32), jnp.asarray(held),
+                              policy=policy, evict_layers=evict_layers, steps=SPEED_STEPS)
         token.block_until_ready()
-        if attempt:  # the first call compiles
-            times.append((time.perf_counter() - begin) / SPEED_STEPS * 1000)
-    return min(times)
+        return (time.perf_counter() - begin) / SPEED_STEPS * 1000
+
+    for config in configs.values():
+        once(*config)  # compiles
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, config in configs.items():
+            times[name].append(once(*config))
+    return {name: min(values) for name, values in times.items()}
 
 
 def _speed(module: Any, params: Any, cfg: Any, policies: Sequence[EvictionPolicy], evict_layers: tuple[bool, ...],
            capacity: int, lengths: Sequence[int]) -> dict[str, Any]:
     full = EvictionPolicy("full", SINKS, RECENT)
-    # The same slot cache, half full, so no step runs out of room: the bookkeeping runs on every step anyway
-    # (jitted code has no data-dependent branches), whether or not it frees anything.
-    base = step_ms(module, params, cfg, full, capacity, capacity // 2, capacity, evict_layers)
-    overhead = []
-    for policy in policies:
-        ms = step_ms(module, params, cfg, policy, capacity, capacity // 2, capacity - 1, evict_layers)
-        overhead.append(_policy_fields(policy) | {"step_ms": ms, "overhead": ms / base})
     evicting = next((p for p in policies if p.name == "recently_activated"), POLICY_SET[4])
-    # At capacity, so it evicts on every step; its step time does not depend on the context length.
-    evicting_ms = step_ms(module, params, cfg, evicting, capacity, capacity - 1, capacity, evict_layers)
-    crossover = []
-    for length in lengths:
-        slots = length + SPEED_STEPS + 1
-        crossover.append({"context": length, "evicting_ms": evicting_ms,
-                          "full_ms": step_ms(module, params, cfg, full, slots, length, slots, evict_layers)})
+    # Overhead: the same slot cache, half full so no step runs out of room; the bookkeeping runs on every step
+    # anyway (jitted code has no data-dependent branches), whether or not it frees anything.
+    configs = {"no eviction": (full, capacity, capacity // 2, capacity)}
+    configs |= {f"policy {i}": (p, capacity, capacity // 2, capacity - 1) for i, p in enumerate(policies)}
+    # Crossover: at capacity, evicting on every step (its time does not depend on the context length), against
+    # the full cache at each context length.
+    configs["evicting"] = (evicting, capacity, capacity - 1, capacity)
+    configs |= {f"full {n}": (full, n + SPEED_STEPS + 1, n, n + SPEED_STEPS + 1) for n in lengths}
+    ms = step_times(module, params, cfg, configs, evict_layers)
+    base = ms["no eviction"]
+    overhead = [_policy_fields(p) | {"step_ms": ms[f"policy {i}"], "overhead": ms[f"policy {i}"] / base}
+                for i, p in enumerate(policies)]
+    crossover = [{"context": n, "full_ms": ms[f"full {n}"], "evicting_ms": ms["evicting"]} for n in lengths]
     return {"capacity": capacity, "no_eviction_step_ms": base, "overhead": overhead, "crossover": crossover,
             "target_overhead": TARGET_OVERHEAD}
 
@@ -216,8 +225,9 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
                           budgets: Sequence[float] = BUDGETS, policies: Sequence[EvictionPolicy] = POLICY_SET,
                           prompt_len: int = 32, greedy_steps: int = 32, passkey_tokens: int = 768,
                           speed_capacity: int = 512, speed_lengths: Sequence[int] = SPEED_LENGTHS,
-                          dtype: str = "float32") -> dict[str, Any]:
-    """Runs the quality evaluation, the passkey probe and the speed measurements; see the module docstring."""
+                          dtype: str = "float32", quality: bool = True) -> dict[str, Any]:
+    """Runs the quality evaluation and the passkey probe (unless not `quality`), then the speed measurements;
+    see the module docstring."""
     from big_vision_lite.checkpoints import load_decoder
     from big_vision_lite.tokenizer import load_tokenizer
 
@@ -233,8 +243,8 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
     module, params, cfg = load_decoder(model, dtype, scan_layers=False)
     evict_layers = global_layers(cfg)
     started = time.perf_counter()
-    results = []
-    for policy in policies:
+    results, full_passkey = [], None
+    for policy in policies if quality else ():
         per_document = [_quality(module, params, d["tokens"], policy, budgets, evict_layers, prompt_len, greedy_steps)
                         for d in documents]
         pass_rows = passkey_rows(tokenizer, documents[0]["tokens"], passkey_tokens, PASSKEY_DEPTHS)
@@ -249,8 +259,8 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
                 "passkey": float(np.mean(found[budget])), "passkey_by_depth": found[budget],
                 "per_document": {d["name"]: r for d, r in zip(documents, rows, strict=True)},
             })
+        full_passkey = found[1.0]
         print(f"  {policy.name} {_policy_fields(policy)}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-    full_passkey = found[1.0]
     speed = _speed(module, params, cfg, policies, evict_layers, speed_capacity, speed_lengths)
     worst = max(row["overhead"] for row in speed["overhead"])
     return {
@@ -267,8 +277,9 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
 
 def format_kv_eviction_table(result: dict[str, Any]) -> str:
     docs = ", ".join(f"{d['name']} ({d['tokens']} tokens)" for d in result["documents"])
+    found = result["passkey_full_cache"]
     lines = [f"kv-eviction {result['model']} on {docs}; passkey with the full cache: "
-             f"{sum(result['passkey_full_cache'])}/{len(result['passkey_full_cache'])} depths",
+             + (f"{sum(found)}/{len(found)} depths" if found else "not run"),
              "| policy | budget | memory | ppl ratio | KL mean | KL p99 | top-1 | mass lost | greedy | passkey "
              "| forced |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -329,6 +340,8 @@ def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
 def settings_from_args(args: Any) -> dict[str, Any]:
     """The keyword arguments of `run_kv_eviction_bench` that the CLI sets."""
     kwargs = {"text_files": args.text_file or (), "max_tokens": args.max_tokens, "dtype": args.dtype}
+    if args.speed_only:
+        kwargs["quality"] = False
     if args.budgets:
         kwargs["budgets"] = tuple(args.budgets)
     if args.policies:
