@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random-init transformers checkpoints of every decoder family, built (never downloaded), and
 the real packaged checkpoints converted once per session into a fresh cache."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,23 @@ def converted(packaged_cache):
         return results[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny gemma3 checkpoint plus a character-level BPE tokenizer of its 96 ids (pad 0, bos 1, eos 2)."""
+    import tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny_tok") / "gemma3"
+    shutil.copytree(tiny_checkpoints["gemma3"], folder)
+    rust = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    rust.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"])
+    corpus = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "to be or not to be"]
+    rust.train_from_iterator(corpus * 20, trainer)
+    assert rust.get_vocab_size() <= 96
+    rust.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+    return folder

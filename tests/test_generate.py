@@ -1,7 +1,6 @@
 """The jitted decode loop (end tokens per row, sampling with explicit keys, input errors) and `bvl generate`."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -81,26 +80,6 @@ def test_left_pad():
         left_pad([[1], []])
     with pytest.raises(ValueError, match="no prompts"):
         left_pad([])
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_checkpoints, tmp_path_factory):
-    """The tiny gemma3 checkpoint plus a character-level BPE tokenizer of its 96 ids (pad 0, bos 1, eos 2)."""
-    import tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny_tok") / "gemma3"
-    shutil.copytree(tiny_checkpoints["gemma3"], folder)
-    rust = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    rust.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    rust.decoder = tokenizers.decoders.Metaspace()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"])
-    corpus = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "to be or not to be"]
-    rust.train_from_iterator(corpus * 20, trainer)
-    assert rust.get_vocab_size() <= 96
-    rust.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
-    return folder
 
 
 def test_cli_generate_batches_prompts_of_different_lengths(tiny_with_tokenizer, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Attention capture during generation (greedy ids, probabilities against a teacher-forced forward), `bvl inspect`."""
 
 import json
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -75,24 +74,6 @@ def test_capture_input_errors(captured):
         capture_generation(module, params, tokens, mask, 2, p=0.0)
     with pytest.raises(ValueError, match="must be left-padded"):
         capture_generation(module, params, tokens, mask[:, ::-1], 2)
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_checkpoints, tmp_path_factory):
-    """The tiny gemma3 checkpoint plus a character-level BPE tokenizer of its 96 ids (pad 0, bos 1, eos 2)."""
-    import tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny_tok_inspect") / "gemma3"
-    shutil.copytree(tiny_checkpoints["gemma3"], folder)
-    rust = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    rust.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-    rust.decoder = tokenizers.decoders.Metaspace()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"])
-    rust.train_from_iterator(["the quick brown fox jumps over the lazy dog", "to be or not to be"] * 20, trainer)
-    rust.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
-    return folder
 
 
 def test_cli_inspect_writes_summary_and_plots(tiny_with_tokenizer, tmp_path, capsys):
