@@ -4,7 +4,8 @@
 
 The vision tower starts from the SigLIP run of `configs/siglip_shapes.py` (kept in the cache directory and
 trained there first if absent: about 4 minutes); the projector and a small Gemma-style decoder train from scratch
-to write "a small red circle at the top left" for images whose (colour, shape) pair was never seen in training.
+to write "a small red circle at the top left". `eval/` scores new images of the trained (colour, shape) pairs,
+`eval/novel_pairs/` the pairs never seen in training (see `train/paligemma.py: caption_eval_sources`).
 `get_config("smoke")` is a seconds-long run for tests (SigLIP smoke tower, tiny decoder).
 """
 
@@ -15,12 +16,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "paligemma"
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 2000
     c.batch_size = 64
-    c.eval_batch_size = 135  # the 270 held-out images in two generate calls
-    c.log_every = 20
-    c.eval_every = 200
-    c.ckpt_every = 200
+    c.eval_batch_size = 180  # the 540 new trained-pair images in three generate calls, the 180 novel-pair ones in one
+    c.log_every = 50
+    c.eval_every = 500
+    c.ckpt_every = 500
     c.keep_ckpts = 2
 
     # The same data as the SigLIP run (same held-out pairs), which is what makes the vision tower's start useful.

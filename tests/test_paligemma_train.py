@@ -15,7 +15,13 @@ from big_vision_lite.train.checkpoint import load_params
 from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import train
 from big_vision_lite.train.metrics import read_metrics
-from big_vision_lite.train.paligemma import PaliGemmaTask, attribute_accuracies, parse_shapes_caption
+from big_vision_lite.train.paligemma import (
+    PaliGemmaTask,
+    attribute_accuracies,
+    caption_eval_sources,
+    parse_shapes_caption,
+)
+from big_vision_lite.train.siglip import make_sources
 
 SMOKE = "configs/paligemma_shapes_caption.py:smoke"
 
@@ -48,7 +54,8 @@ def test_cli_trains_from_the_siglip_tower_and_evaluates_captions(cli_run, siglip
     assert "eval/caption_exact_match" in stdout
     records = read_metrics(workdir / "metrics.jsonl")
     evals = [r for r in records if "eval/caption_exact_match" in r]
-    assert evals and set(evals[-1]) >= {"eval/colour_acc", "eval/shape_acc", "eval/size_acc", "eval/position_acc"}
+    assert evals and set(evals[-1]) >= {"eval/colour_acc", "eval/shape_acc", "eval/size_acc", "eval/position_acc",
+                                        "eval/novel_pairs/caption_exact_match", "eval/novel_pairs/shape_acc"}
     assert all(0.0 <= evals[-1][k] <= 1.0 for k in evals[-1] if k.startswith("eval/"))
     assert (workdir / "tokenizer").is_dir() and (workdir / "curves.png").is_file()
 
@@ -114,6 +121,28 @@ def test_attributes_are_read_back_from_captions():
     predicted = ["a small red square at the top left", "a large blue square on the left"]
     assert attribute_accuracies(predicted, truth, data) == {
         "eval/colour_acc": 1.0, "eval/shape_acc": 0.5, "eval/size_acc": 1.0, "eval/position_acc": 0.5}
+
+
+def test_shapes_are_scored_on_new_images_of_trained_pairs_and_on_novel_pairs():
+    from big_vision_lite.data.shapes import held_out_pairs
+
+    data = load_config(SMOKE).data
+    sources = caption_eval_sources(data)
+    assert list(sources) == ["eval/", "eval/novel_pairs/"]
+    spec = sources["eval/"].spec
+    novel = set(held_out_pairs(spec))
+
+    def pairs(source):
+        return {tuple(e["caption"].split()[2:4]) for e in source.__getitems__(range(len(source)))}
+
+    assert pairs(sources["eval/"]).isdisjoint(novel) and len(sources["eval/"]) == 540  # every trained combination
+    assert pairs(sources["eval/novel_pairs/"]) == novel
+    # The new images are renderings training never reads: none equals a training image of the same caption.
+    train = make_sources(data)[0]
+    train_images = {e["caption"]: e["image"] for e in train.__getitems__(range(4000))}
+    for example in sources["eval/"].__getitems__(range(0, 540, 7)):
+        if example["caption"] in train_images:
+            assert not np.array_equal(example["image"], train_images[example["caption"]])
 
 
 def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):
