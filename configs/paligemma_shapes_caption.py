@@ -11,6 +11,8 @@ to write "a small red circle at the top left". `eval/` scores new images of the 
 
 import ml_collections
 
+from big_vision_lite.train.config import load_config
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -24,13 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt_every = 500
     c.keep_ckpts = 2
 
-    # The same data as the SigLIP run (same held-out pairs), which is what makes the vision tower's start useful.
-    c.data = dict(name="shapes", image_size=32, seed=0, holdout_fraction=0.25, workers=0, path="", eval_path="",
-                  colours=("red", "green", "blue", "yellow", "purple", "white", "orange", "cyan"),
-                  shapes=("circle", "square", "triangle", "cross", "diamond"))
     # max_len: 16 image tokens + bos + "caption" + "\n" + the longest caption (9 tokens) + eos, with room to spare.
     c.text = dict(tokenizer="", vocab_size=256, max_len=32, prompt="caption")
-    c.init = dict(siglip_config="configs/siglip_shapes.py", siglip_workdir="")
+    c.init = dict(siglip_config="configs/siglip_shapes.py" + (":smoke" if arg == "smoke" else ""), siglip_workdir="")
+    # The SigLIP run's data: its held-out pairs are the novel pairs here too (the task refuses a mismatch).
+    c.data = load_config(c.init.siglip_config).data
     c.model = dict(
         llm=dict(width=128, depth=3, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32, lora=None),
         dtype="float32", scan=False, remat=None)
@@ -43,6 +43,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "smoke":
         c.total_steps, c.batch_size, c.eval_batch_size, c.log_every, c.eval_every, c.ckpt_every = 4, 8, 90, 2, 4, 2
         c.optimizer.warmup_steps = 1
-        c.init.siglip_config = "configs/siglip_shapes.py:smoke"
         c.model.llm.update(width=32, depth=1, mlp_dim=64, num_heads=2, head_dim=16)
     return c

@@ -19,6 +19,7 @@ from big_vision_lite.train.paligemma import (
     PaliGemmaTask,
     attribute_accuracies,
     caption_eval_sources,
+    check_same_data,
     parse_shapes_caption,
 )
 from big_vision_lite.train.siglip import make_sources
@@ -143,6 +144,17 @@ def test_shapes_are_scored_on_new_images_of_trained_pairs_and_on_novel_pairs():
     for example in sources["eval/"].__getitems__(range(0, 540, 7)):
         if example["caption"] in train_images:
             assert not np.array_equal(example["image"], train_images[example["caption"]])
+
+
+def test_a_siglip_tower_trained_on_other_data_is_refused(siglip_dir, tmp_path):
+    data = load_config(SMOKE).data
+    check_same_data(data, load_config("configs/siglip_shapes.py").data, "configs/siglip_shapes.py")
+    other = apply_overrides(load_config("configs/siglip_shapes.py"), ["data.holdout_fraction=0.3"]).data
+    with pytest.raises(ValueError, match=r"data.holdout_fraction 0.25 differs from the SigLIP run's 0.3"):
+        check_same_data(data, other, "x.py")
+    # Through the task: the SigLIP run of siglip_dir was trained on 32-pixel images, this config asks for 48.
+    with pytest.raises(ValueError, match=r"data.image_size 48 differs from the SigLIP run.s 32 \(init.siglip_config"):
+        PaliGemmaTask(_config(siglip_dir, "data.image_size=48"), tmp_path, mesh=None)
 
 
 def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):

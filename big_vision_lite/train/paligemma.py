@@ -97,6 +97,26 @@ def vision_config(siglip: ml_collections.ConfigDict, llm_width: int, dtype: str)
     return ViTConfig(**fields, image_size=siglip.data.image_size, pool_type="none", head_size=llm_width, dtype=dtype)
 
 
+# Data fields a PaliGemma run must share with its SigLIP run: the image size the tower was trained at, and for the
+# shapes data everything that decides the held-out pairs, or the tower would have trained on the novel pairs.
+SHARED_DATA_FIELDS = {"shapes": ("image_size", "seed", "holdout_fraction", "colours", "shapes")}
+
+
+def check_same_data(data: ml_collections.ConfigDict, siglip_data: ml_collections.ConfigDict, siglip_config: str
+                    ) -> None:
+    """Refuses a SigLIP vision tower trained on other data than `data` describes (see SHARED_DATA_FIELDS)."""
+    fields = SHARED_DATA_FIELDS.get(data.name, ("image_size",)) if data.name == siglip_data.get("name") else None
+    if fields is None:
+        raise ValueError(f"data.name {data.name!r} differs from the SigLIP run's {siglip_data.get('name')!r} "
+                         f"(init.siglip_config {siglip_config})")
+    for field in fields:
+        ours, theirs = data.get(field), siglip_data.get(field)
+        if (list(ours) if isinstance(ours, list | tuple) else ours) != (
+                list(theirs) if isinstance(theirs, list | tuple) else theirs):
+            raise ValueError(f"data.{field} {ours!r} differs from the SigLIP run's {theirs!r} (init.siglip_config "
+                             f"{siglip_config}); the vision tower must start from a run on the same data")
+
+
 def decoder_config(llm: dict[str, Any], vocab_size: int) -> DecoderConfig:
     llm = dict(llm)
     if llm.get("lora"):
@@ -131,9 +151,7 @@ class PaliGemmaTask:
         self.train_source = make_sources(config.data)[0]
         self.eval_sources = caption_eval_sources(config.data)
         siglip, self.vision_params = siglip_vision_init(config.init)
-        if siglip.data.image_size != config.data.image_size:
-            raise ValueError(f"data.image_size {config.data.image_size} differs from the SigLIP run's "
-                             f"{siglip.data.image_size} (init.siglip_config {config.init.siglip_config})")
+        check_same_data(config.data, siglip.data, config.init.siglip_config)
         tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
         model = config.model
         vision = vision_config(siglip, model.llm.width, model.dtype)
