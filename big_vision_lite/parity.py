@@ -43,27 +43,36 @@ class LayerError:
 
 @dataclasses.dataclass
 class ParityReport:
+    """One parity run: the per-stage errors and, for models that decode, both sides' greedy ids.
+
+    Encoders (SigLIP) have nothing to decode: `greedy_ours`/`greedy_ref` are None, and so are `greedy_match` and
+    `greedy_agree` in the JSON, which keeps one contract for every model type. `notes` say what was not compared.
+    """
+
     model: str
     model_type: str
     dtype: str
     tolerance: float
     layers: list[LayerError]
-    greedy_ours: list[list[int]]
-    greedy_ref: list[list[int]]
+    greedy_ours: list[list[int]] | None
+    greedy_ref: list[list[int]] | None
     seconds: dict[str, float]
     greedy_prompts: list[str] | None = None  # the texts behind the greedy ids (None: random ids)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def max_rel_err(self) -> float:
         return max(e.rel_err for e in self.layers)
 
     @property
-    def greedy_match(self) -> bool:
-        return self.greedy_ours == self.greedy_ref
+    def greedy_match(self) -> bool | None:
+        return None if self.greedy_ours is None else self.greedy_ours == self.greedy_ref
 
     @property
-    def greedy_agree(self) -> list[int]:
+    def greedy_agree(self) -> list[int] | None:
         """Per row, how many leading greedy ids agree (all of them when they match)."""
+        if self.greedy_ours is None or self.greedy_ref is None:
+            return None
         agree = []
         for ours, ref in zip(self.greedy_ours, self.greedy_ref, strict=True):
             same = [a == b for a, b in zip(ours, ref, strict=True)] + [False]
@@ -74,7 +83,7 @@ class ParityReport:
     def ok(self) -> bool:
         # bfloat16 implementations round in different places, so near-tied greedy choices may differ.
         within = self.max_rel_err <= self.tolerance
-        return within and (self.greedy_match or self.dtype != "float32")
+        return within and (self.greedy_match is not False or self.dtype != "float32")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,15 +100,20 @@ class ParityReport:
             "greedy_ref": self.greedy_ref,
             "greedy_prompts": self.greedy_prompts,
             "seconds": self.seconds,
+            "notes": self.notes,
         }
 
     def table(self) -> str:
+        width = max(14, *(len(e.name) for e in self.layers))
         lines = [f"parity {self.model} ({self.model_type}, {self.dtype}) vs transformers eager",
-                 f"{'stage':<14} {'max_abs_err':>12} {'rel_err':>12}"]
-        lines += [f"{e.name:<14} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in self.layers]
-        lines.append(f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); "
-                     f"greedy {len(self.greedy_ours[0])} tokens match: {self.greedy_match} "
-                     f"(leading ids that agree per row: {self.greedy_agree}); ok: {self.ok}")
+                 f"{'stage':<{width}} {'max_abs_err':>12} {'rel_err':>12}"]
+        lines += [f"{e.name:<{width}} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in self.layers]
+        lines += [f"note: {n}" for n in self.notes]
+        summary = f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); "
+        if self.greedy_ours is not None:
+            summary += (f"greedy {len(self.greedy_ours[0])} tokens match: {self.greedy_match} "
+                        f"(leading ids that agree per row: {self.greedy_agree}); ")
+        lines.append(summary + f"ok: {self.ok}")
         return "\n".join(lines)
 
 

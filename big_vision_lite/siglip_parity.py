@@ -16,7 +16,6 @@ Without the MAP head (`vision_use_head: false`, PaliGemma's tower) transformers'
 the report says so in `notes`. `ok` means every relative error is within tolerance.
 """
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -27,54 +26,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints.siglip import load_siglip_hf
 from big_vision_lite.models.vit import ViT, compute_dtype
-from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, LayerError, _errors
-
-
-@dataclasses.dataclass
-class SiglipParityReport:
-    """Same JSON contract as parity.ParityReport (greedy_match is null: there is nothing to decode)."""
-
-    model: str
-    dtype: str
-    tolerance: float
-    layers: list[LayerError]
-    seconds: dict[str, float]
-    notes: list[str] = dataclasses.field(default_factory=list)
-    model_type: str = "siglip"
-
-    @property
-    def max_rel_err(self) -> float:
-        return max(e.rel_err for e in self.layers)
-
-    @property
-    def greedy_match(self) -> None:
-        return None
-
-    @property
-    def ok(self) -> bool:
-        return self.max_rel_err <= self.tolerance
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "model_type": self.model_type,
-            "dtype": self.dtype,
-            "tolerance": self.tolerance,
-            "max_rel_err": self.max_rel_err,
-            "greedy_match": self.greedy_match,
-            "ok": self.ok,
-            "layers": [dataclasses.asdict(e) for e in self.layers],
-            "seconds": self.seconds,
-            "notes": self.notes,
-        }
-
-    def table(self) -> str:
-        lines = [f"parity {self.model} ({self.model_type}, {self.dtype}) vs transformers eager",
-                 f"{'stage':<18} {'max_abs_err':>12} {'rel_err':>12}"]
-        lines += [f"{e.name:<18} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in self.layers]
-        lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); ok: {self.ok}")
-        return "\n".join(lines)
+from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, ParityReport, _errors
 
 
 def siglip_parity_batch(image_size: int, vocab_size: int, seq_len: int, batch: int = 3,
@@ -157,7 +109,7 @@ def run_siglip_parity(
     *,
     batch: int = 3,
     seed: int = 0,
-) -> SiglipParityReport:
+) -> ParityReport:
     """Loads both sides from an HF SiglipModel folder and compares every stage; see the module docstring."""
     if batch < 2:
         raise ValueError(f"batch must be >= 2 (the loss needs negatives), got {batch}")
@@ -194,11 +146,14 @@ def run_siglip_parity(
     ]
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     size = "tiny" if n_params < TINY_PARAMS else "real"
-    return SiglipParityReport(
+    return ParityReport(
         model=Path(folder).name,
+        model_type="siglip",
         dtype=dtype,
         tolerance=tolerance if tolerance is not None else TOLERANCES[(dtype, size)],
         layers=layers,
+        greedy_ours=None,  # an encoder: nothing to decode
+        greedy_ref=None,
         seconds={k: round(v, 3) for k, v in seconds.items()},
         notes=notes,
     )

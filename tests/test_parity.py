@@ -88,3 +88,10 @@ def test_report_ok_and_greedy_agreement_rules():
     # bfloat16: near-tied greedy choices may differ, the error bound alone decides.
     bf16 = dataclasses.replace(report, dtype="bfloat16", tolerance=3e-2, greedy_ref=[[1, 2, 3], [7, 7, 7]])
     assert bf16.ok and bf16.greedy_agree == [3, 0]
+    # An encoder decodes nothing: greedy fields are null and the error bound alone decides.
+    encoder = parity.ParityReport("s", "siglip", "float32", 1e-5, [parity.LayerError("loss", 0.1, 3e-6)], None, None,
+                                  {}, notes=["no head"])
+    data = encoder.to_json()
+    assert encoder.ok and data["greedy_match"] is None and data["greedy_agree"] is None and data["notes"] == ["no head"]
+    assert "note: no head" in encoder.table() and "greedy" not in encoder.table()
+    assert not dataclasses.replace(encoder, layers=[parity.LayerError("loss", 0.1, 2e-5)]).ok
