@@ -45,8 +45,8 @@ TEXT = {
                   num_attention_heads=4, num_key_value_heads=1, head_dim=8),
     "gemma2": dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=28),
-}
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=8),
+}  # gemma2's window (8) is shorter than the 24-token prefix: sliding layers must keep the prefix bidirectional
 IMAGE_TOKEN = {"gemma": 80, "gemma2": 96}
 # HF name rewrites from what transformers 5.x's save_pretrained writes to the two layouts we write.
 RENAMES: dict[str, Callable[[str], str]] = {

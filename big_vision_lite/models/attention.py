@@ -51,6 +51,20 @@ def window_mask(query_positions: jax.Array, key_positions: jax.Array, window: in
     return query_positions[:, :, None] - key_positions[:, None, :] < window
 
 
+def mutual_mask(attn_mask: jax.Array, key_offset: int | jax.Array) -> jax.Array:
+    """[B, T, S]: pairs of this call's tokens that see each other, i.e. a bidirectional block such as PaliGemma's
+    image + prefix. The call's T tokens are keys `key_offset .. key_offset + T - 1` of `attn_mask` [B, T, S].
+
+    Sliding layers OR this onto the window, as transformers' blockwise overlay does: a prefix longer than the
+    window (PaliGemma 2 at 896 pixels: 4096 image tokens) stays fully bidirectional. Keys from earlier calls are
+    never in the block, which holds for a prefix that is prefilled in one call.
+    """
+    t = attn_mask.shape[1]
+    new = jax.lax.dynamic_slice_in_dim(attn_mask, key_offset, t, axis=2)  # [B, T, T]: query i, new token j
+    mutual = new & jnp.swapaxes(new, 1, 2)
+    return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(attn_mask), mutual, key_offset, axis=2)
+
+
 def _name(base: str, expert: int) -> str:
     # Expert 0 carries no suffix so a single-expert checkpoint loads unchanged.
     return base if expert == 0 else f"{base}_{expert}"

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models.attention import Attention, causal_mask, rope_inv_freq, window_mask
+from big_vision_lite.models.attention import Attention, causal_mask, mutual_mask, rope_inv_freq, window_mask
 from big_vision_lite.models.layers import RMSNorm
 from big_vision_lite.models.lora import LoRAConfig, lora_einsum
 
@@ -253,7 +253,8 @@ class Decoder(nn.Module):
     `__call__(tokens [B, T], positions [B, T], attn_mask [B, T, S], cache)` returns logits [B, T, V] (float32),
     the grown `KVCache` and an `out` dict: `embeddings` [B, T, D], `final` [B, T, D], and when requested
     `hidden` [L, B, T, D] (each layer's output) and `attn_probs` [L, B, N, T, S]. attn_mask is the full-attention
-    mask over the cache and the new tokens; sliding layers narrow it from the stored key positions.
+    mask over the cache and the new tokens; sliding layers narrow it from the stored key positions, except between
+    tokens of one bidirectional block (`attention.mutual_mask`).
     """
 
     configs: Sequence[DecoderConfig]
@@ -314,14 +315,17 @@ class Decoder(nn.Module):
         first = self.configs[0]
         index = None if cache is None else cache.index
         if cache is None:
-            key_positions = positions
+            key_positions, new_keys_at = positions, 0
         elif index is None:
             key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            new_keys_at = cache.positions.shape[1]
         else:
             key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+            new_keys_at = index
         sliding_mask = None
         if first.is_sliding.any():
-            sliding_mask = attn_mask & window_mask(positions, key_positions, first.sliding_window)
+            in_window = window_mask(positions, key_positions, first.sliding_window)
+            sliding_mask = attn_mask & (in_window | mutual_mask(attn_mask, new_keys_at))
         per_layer = {"sliding": jnp.asarray(first.is_sliding), "inv_freq": jnp.asarray(first.inv_freq)}
         layer_list_cache = cache is not None and isinstance(cache.k, tuple)
         if cache is not None and not layer_list_cache:
