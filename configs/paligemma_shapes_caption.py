@@ -3,7 +3,7 @@
     bvl train configs/paligemma_shapes_caption.py --workdir W [--set key=value ...]
 
 The vision tower starts from the SigLIP run of `configs/siglip_shapes.py` (kept in the cache directory and
-trained there first if absent: about 4 minutes); the projector and a small Gemma-style decoder train from scratch
+trained there first if absent: about 2.5 minutes); the projector and a small Gemma-style decoder train from scratch
 to write "a small red circle at the top left". `eval/` scores new images of the trained (colour, shape) pairs,
 `eval/novel_pairs/` the pairs never seen in training (see `train/paligemma.py: caption_eval_sources`).
 `get_config("smoke")` is a seconds-long run for tests (SigLIP smoke tower, tiny decoder).

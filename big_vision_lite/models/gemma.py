@@ -324,8 +324,9 @@ class Decoder(nn.Module):
             new_keys_at = index
         sliding_mask = None
         if first.is_sliding.any():
-            in_window = window_mask(positions, key_positions, first.sliding_window)
-            sliding_mask = attn_mask & (in_window | mutual_mask(attn_mask, new_keys_at))
+            sliding_mask = attn_mask & window_mask(positions, key_positions, first.sliding_window)
+            if attn_mask.shape[1] > 1:  # one new token (a decode step) is its own block and always in its window
+                sliding_mask |= attn_mask & mutual_mask(attn_mask, new_keys_at)
         per_layer = {"sliding": jnp.asarray(first.is_sliding), "inv_freq": jnp.asarray(first.inv_freq)}
         layer_list_cache = cache is not None and isinstance(cache.k, tuple)
         if cache is not None and not layer_list_cache:

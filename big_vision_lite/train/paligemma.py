@@ -55,13 +55,8 @@ from big_vision_lite.train.siglip import TOKENIZER_DIR, caption_tokenizer, make_
 MODEL_FILE = "model.json"  # the PaliGemmaConfig of a run, so it can be loaded without its SigLIP run
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NOVEL_PAIRS = "eval/novel_pairs/"  # metric prefix of the shapes' compositional split
-
-
-def caption_metric_keys(prefix: str) -> tuple[str, ...]:
-    return (f"{prefix}caption_exact_match", *(f"{prefix}{a}_acc" for a in ATTRIBUTES))
-
-
-EVAL_KEYS = (*caption_metric_keys("eval/"), f"{NOVEL_PAIRS}caption_exact_match", f"{NOVEL_PAIRS}shape_acc")
+EVAL_KEYS = ("eval/caption_exact_match", *(f"eval/{a}_acc" for a in ATTRIBUTES), f"{NOVEL_PAIRS}caption_exact_match",
+             f"{NOVEL_PAIRS}shape_acc")
 # ViT fields a SigLIP image tower's config carries over to PaliGemma (pooling and head are PaliGemma's own).
 VISION_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "scan", "remat", "norm_eps")
 
@@ -105,14 +100,12 @@ SHARED_DATA_FIELDS = {"shapes": ("image_size", "seed", "holdout_fraction", "colo
 def check_same_data(data: ml_collections.ConfigDict, siglip_data: ml_collections.ConfigDict, siglip_config: str
                     ) -> None:
     """Refuses a SigLIP vision tower trained on other data than `data` describes (see SHARED_DATA_FIELDS)."""
-    fields = SHARED_DATA_FIELDS.get(data.name, ("image_size",)) if data.name == siglip_data.get("name") else None
-    if fields is None:
-        raise ValueError(f"data.name {data.name!r} differs from the SigLIP run's {siglip_data.get('name')!r} "
-                         f"(init.siglip_config {siglip_config})")
-    for field in fields:
+    def comparable(value: Any) -> Any:
+        return list(value) if isinstance(value, list | tuple) else value  # a --set list equals the config's tuple
+
+    for field in ("name", *SHARED_DATA_FIELDS.get(data.name, ("image_size",))):
         ours, theirs = data.get(field), siglip_data.get(field)
-        if (list(ours) if isinstance(ours, list | tuple) else ours) != (
-                list(theirs) if isinstance(theirs, list | tuple) else theirs):
+        if comparable(ours) != comparable(theirs):
             raise ValueError(f"data.{field} {ours!r} differs from the SigLIP run's {theirs!r} (init.siglip_config "
                              f"{siglip_config}); the vision tower must start from a run on the same data")
 
