@@ -1,7 +1,9 @@
-"""The `bvl` command line: parity, generation, training, demo and benchmarks.
+"""The `bvl` command line: parity, generation, inspection, training, demo and benchmarks.
 
-Input errors (a bad checkpoint, an unknown model name, a bad option) print one line without a traceback and
-exit 2; a check that runs but fails (parity out of tolerance, a benchmark below target) exits 1.
+Argument parsing only: every command calls one function of the package. Input errors (a bad checkpoint, an unknown
+model name, a bad option) print one line without a traceback and exit 2; a check that runs but fails (parity out
+of tolerance, a benchmark below target) exits 1. The heavy modules are imported by the command that needs them, so
+`bvl --help` answers at once.
 """
 
 import argparse
@@ -11,36 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_MODEL = "gemma3-270m"
-DEMO_SIGLIP_CONFIG = str(Path(__file__).parents[1] / "configs" / "siglip_shapes.py")
+DEMO_SIGLIP_CONFIG = "siglip_shapes"
 DEMO_PROMPTS = ("The capital of France is", "Here is a short poem about the sea:\n", "def fibonacci(n):")
 
 
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
+        from big_vision_lite.utils.atomic import write_text_atomic
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def _folder_model_type(model: str) -> str | None:
-    """config.json's `model_type` when `model` is a folder that has one (packaged names are not folders)."""
-    config = Path(model) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    model_type = _folder_model_type(args.model)
-    if model_type == "siglip":
-        from big_vision_lite.siglip_parity import run_siglip_parity
+    from big_vision_lite.parity import run_parity
 
-        report = run_siglip_parity(args.model, args.dtype, tolerance=args.tolerance)
-    elif model_type == "paligemma":
-        from big_vision_lite.paligemma_parity import run_paligemma_parity
-
-        report = run_paligemma_parity(args.model, args.dtype, tolerance=args.tolerance)
-    else:
-        from big_vision_lite.parity import run_parity
-
-        report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
+    report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
     print(report.table())
     _write_json(args.json, report.to_json())
     return 0 if report.ok else 1
@@ -61,8 +49,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from big_vision_lite.decoding.samplers import SamplerConfig
     from big_vision_lite.generate import generate_image_text, generate_text
-    from big_vision_lite.samplers import SamplerConfig
 
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)  # checks the settings before loading
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed, dtype=args.dtype)
@@ -79,22 +67,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"--- {row['prompt']!r}\n{row['prompt']}{row['completion']}")
     print(f"--- {result['new_tokens']} new tokens in {result['run_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s "
-          f"(batch {len(result['completions'])}, {args.dtype}); compile {result['compile_s']:.2f} s")
+          f"(batch {len(result['completions'])}, {result['dtype']}); compile {result['compile_s']:.2f} s")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from big_vision_lite.checkpoints import load_decoder
-    from big_vision_lite.generate import left_pad
-    from big_vision_lite.inspect_attention import capture_generation, check_settings, write_report
-    from big_vision_lite.tokenizer import load_tokenizer
+    from big_vision_lite.checkpoints import load
+    from big_vision_lite.decoding.engine import left_pad
+    from big_vision_lite.decoding.inspect import capture_generation, check_settings, write_report
 
     check_settings(args.max_new_tokens, args.p, args.num_sinks, args.look_back, args.similarity)  # before loading
-    tokenizer = load_tokenizer(args.model)
-    module, params, _ = load_decoder(args.model, args.dtype, scan_layers=False)
+    loaded = load(args.model, args.dtype)
+    if loaded.kind != "decoder" or loaded.tokenizer is None:
+        raise ValueError(f"{args.model}: bvl inspect needs a decoder with its tokenizer, got a {loaded.kind} model"
+                         + ("" if loaded.tokenizer else " without tokenizer files"))
+    tokenizer = loaded.tokenizer
     tokens, mask = left_pad(tokenizer.encode_batch([args.prompt]), tokenizer.pad_id)
-    capture = capture_generation(module, params, tokens, mask, args.max_new_tokens, layers=args.layers, p=args.p,
-                                 num_sinks=args.num_sinks)
+    capture = capture_generation(loaded.module, loaded.params, tokens, mask, args.max_new_tokens, layers=args.layers,
+                                 p=args.p, num_sinks=args.num_sinks)
     summary = write_report(capture, args.out, look_back=args.look_back, similarity_threshold=args.similarity,
                            tokenizer=tokenizer, model=args.model, prompt=args.prompt)
     print(f"--- {args.prompt!r}\n{args.prompt}{summary['completion']}")
@@ -110,22 +100,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print(f"== Golden-value parity: {DEMO_MODEL} (real Google weights) against transformers (PyTorch) ==")
-    status = cmd_parity(argparse.Namespace(model=DEMO_MODEL, dtype="float32", seq_len=None, tolerance=None, json=None))
-    print(f"\n== Greedy generation from {DEMO_MODEL}: one jitted decode loop, a batch of prompts ==")
+    model = args.model or DEMO_MODEL
+    weights = "real Google weights" if model == DEMO_MODEL else "your model"
+    print(f"== Golden-value parity: {model} ({weights}) against transformers (PyTorch) ==")
+    status = cmd_parity(argparse.Namespace(model=model, dtype="float32", seq_len=None, tolerance=None, json=None))
+    print(f"\n== Greedy generation from {model}: one jitted decode loop, a batch of prompts ==")
     generated = cmd_generate(argparse.Namespace(
-        model=DEMO_MODEL, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
-        top_p=None, seed=0, dtype="float32", json=False))
+        model=model, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
+        top_p=None, seed=0, dtype=None, json=False, image=None))
     print("\n== SigLIP from scratch on generated shapes: retrieval of held-out (colour, shape) pairs ==")
-    trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:demo", workdir=str(_fresh_demo_workdir()),
-                                           set=None))
+    trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:{args.siglip}",
+                                           workdir=str(_fresh_demo_workdir()), set=None))
     return status or generated or trained
 
 
 def _fresh_demo_workdir() -> Path:
     import shutil
 
-    from big_vision_lite.checkpoints.packaged import cache_dir
+    from big_vision_lite.utils.paths import cache_dir
 
     workdir = cache_dir() / "demo" / "siglip_shapes"
     shutil.rmtree(workdir, ignore_errors=True)  # the demo trains from scratch every time
@@ -133,13 +125,12 @@ def _fresh_demo_workdir() -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from big_vision_lite.train import task_factory
     from big_vision_lite.train.config import apply_overrides, load_config
     from big_vision_lite.train.loop import NonFiniteLossError, train
 
     config = apply_overrides(load_config(args.config), args.set or [])
     try:
-        result = train(config, args.workdir, task_factory(config.get("task", "")))
+        result = train(config, args.workdir)
     except NonFiniteLossError as error:
         print(f"bvl: training stopped: {error}", file=sys.stderr)
         return 1
@@ -151,43 +142,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_forward(args: argparse.Namespace) -> int:
-    from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`bvl bench NAME`: runs the benchmark, prints its table, writes its JSON (--json); exits 1 below target."""
+    from big_vision_lite.bench.harness import report
 
-    result = run_forward_bench(args.model, seq_len=args.seq_len, dtype=args.dtype)
-    print(format_forward_table(result))
-    _write_json(args.json, result)
-    return 0 if result["ok"] else 1
+    if args.bench == "forward":
+        from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
 
+        result = run_forward_bench(args.model, seq_len=args.seq_len, dtype=args.dtype)
+        return report(result, format_forward_table(result), args.json)
+    if args.bench == "decode":
+        from big_vision_lite.bench.decode import format_decode_table, run_decode_bench
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from big_vision_lite.bench.decode import format_decode_table, run_decode_bench
+        result = run_decode_bench(args.model, dtype=args.dtype)
+        return report(result, format_decode_table(result), args.json)
+    if args.bench == "siglip-loss":
+        from big_vision_lite.bench.siglip_loss import format_siglip_loss_table, run_siglip_loss_bench
 
-    result = run_decode_bench(args.model, dtype=args.dtype)
-    print(format_decode_table(result))
-    _write_json(args.json, result)
-    return 0 if result["ok"] else 1
+        result = run_siglip_loss_bench()
+        return report(result, format_siglip_loss_table(result), args.json)
+    if args.bench == "siglip-train":
+        from big_vision_lite.bench.siglip_train import format_siglip_train_table, run_siglip_train_bench
 
-
-def cmd_bench_siglip_loss(args: argparse.Namespace) -> int:
-    from big_vision_lite.bench.siglip_loss import format_siglip_loss_table, run_siglip_loss_bench
-
-    result = run_siglip_loss_bench()
-    print(format_siglip_loss_table(result))
-    _write_json(args.json, result)
-    return 0 if result["ok"] else 1
-
-
-def cmd_bench_siglip_train(args: argparse.Namespace) -> int:
-    from big_vision_lite.bench.siglip_train import format_siglip_train_table, run_siglip_train_bench
-
-    result = run_siglip_train_bench()
-    print(format_siglip_train_table(result))
-    _write_json(args.json, result)
-    return 0 if result["ok"] else 1
-
-
-def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
+        result = run_siglip_train_bench()
+        return report(result, format_siglip_train_table(result), args.json)
+    # kv-eviction, the last of the parser's choices
     from big_vision_lite.bench.kv_eviction import (
         format_kv_eviction_table,
         plot_kv_eviction,
@@ -196,11 +175,10 @@ def cmd_bench_kv_eviction(args: argparse.Namespace) -> int:
     )
 
     result = run_kv_eviction_bench(args.model, **settings_from_args(args))
-    print(format_kv_eviction_table(result))
-    _write_json(args.json, result)
+    status = report(result, format_kv_eviction_table(result), args.json)
     if args.plot:
         plot_kv_eviction(result, args.plot)
-    return 0 if result["ok"] else 1
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     dtypes = ["float32", "bfloat16"]
 
     p = sub.add_parser("parity", help="compare every layer and greedy ids with transformers")
-    p.add_argument("model", help="an HF folder (a decoder or a SiglipModel) or a packaged model name (gemma3-270m, "
-                                 "smollm2-135m)")
+    p.add_argument("model", help="an HF folder (a decoder, a SiglipModel or a PaliGemma), or a packaged model name "
+                                 "(gemma3-270m, smollm2-135m)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the report as JSON to this file")
-    p.add_argument("--seq-len", type=int, help="tokens per row (default: longer than any sliding window)")
+    p.add_argument("--seq-len", type=int, help="decoders: tokens per row (default: longer than any sliding window)")
     p.add_argument("--tolerance", type=float, help="max relative error (default: by dtype and model size)")
     p.set_defaults(func=cmd_parity)
 
@@ -229,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0, help="the PRNG seed of sampling")
-    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--dtype", choices=dtypes, help="default: a training run's own dtype, float32 otherwise")
     p.add_argument("--json", action="store_true", help="print the completions and timings as JSON")
     p.set_defaults(func=cmd_generate)
 
@@ -247,28 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for summary.json and the PNG plots")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help=f"the main job: parity of {DEMO_MODEL} against PyTorch")
+    p = sub.add_parser("demo", help=f"the main job: parity of {DEMO_MODEL} against PyTorch, generation, SigLIP "
+                                    "training")
+    p.add_argument("--model", help=f"the model of the parity and generation steps (default {DEMO_MODEL})")
+    p.add_argument("--siglip", default="demo", choices=["demo", "smoke"],
+                   help="the SigLIP run: demo (~1 minute) or smoke (seconds)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train (or resume) an experiment config in a workdir")
-    p.add_argument("config", help="a config file with get_config(arg=None), e.g. configs/siglip_shapes.py[:arg]")
+    p.add_argument("config", help="a packaged config name (siglip_shapes, paligemma_shapes_caption) or a config "
+                                  "file with get_config(arg=None), optionally followed by :ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and plots go here; re-run to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks: ours and the PyTorch peer in one run")
+    bench.set_defaults(func=cmd_bench)
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser("forward", help="jitted prefill forward vs transformers eager and sdpa")
     p.add_argument("model")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.set_defaults(func=cmd_bench_forward)
     p = bench_sub.add_parser("decode", help="greedy generation (64-token prompts, 128 new tokens) vs transformers")
     p.add_argument("model")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.set_defaults(func=cmd_bench_decode)
     p = bench_sub.add_parser("kv-eviction", help="KV-cache eviction policies on real text: quality per memory budget "
                                                  "against the full cache, passkey probe, step-time overhead")
     p.add_argument("model", help="an HF folder or a packaged model name (smollm2-135m, gemma3-270m)")
@@ -281,13 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write the quality-vs-memory and step-time plot (PNG) to this file")
-    p.set_defaults(func=cmd_bench_kv_eviction)
     p = bench_sub.add_parser("siglip-loss", help="sigmoid loss, dense vs blocked: peak memory and time")
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.set_defaults(func=cmd_bench_siglip_loss)
     p = bench_sub.add_parser("siglip-train", help="SigLIP train step examples/s vs transformers SiglipModel")
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.set_defaults(func=cmd_bench_siglip_train)
     return parser
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_vision_lite import attention_stats as stats
+from big_vision_lite.decoding import attention_stats as stats
 
 
 def _random_probs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -60,23 +60,13 @@ def test_top_p_rejects_p_outside_the_unit_interval(p):
         stats.top_p_mask(np.ones(3) / 3, p)
 
 
-def test_sink_mass_and_share():
+def test_sink_mass():
     probs = np.array([[0.6, 0.1, 0.3], [0.2, 0.3, 0.5]], np.float32)  # [T, S]
     np.testing.assert_allclose(stats.sink_mass(probs, 1), [0.6, 0.2], rtol=1e-6)
     np.testing.assert_allclose(stats.sink_mass(probs, 2), [0.7, 0.5], rtol=1e-6)
     # Left padding: slot 0 is padding (position 0, never attended), so position 0 is slot 1.
     padded = np.array([[0.0, 0.7, 0.3]], np.float32)
     np.testing.assert_allclose(stats.sink_mass(padded, 1, np.array([0, 0, 1])), [0.7], rtol=1e-6)
-
-    rng = np.random.default_rng(1)
-    probs = _random_probs(rng, (3, 2, 4, 5, 6))  # [L, B, N, T, S]
-    query_valid = np.array([[True] * 5, [False, True, True, True, True]])
-    share = np.asarray(stats.sink_share(probs, 2, np.tile(np.arange(6), (2, 1)), query_valid))
-    for layer in range(3):
-        masses = [probs[layer, b, n, t, :2].sum() for b in range(2) for n in range(4) for t in range(5)
-                  if query_valid[b, t]]
-        np.testing.assert_allclose(share[layer], np.mean(masses), rtol=1e-5)
-    np.testing.assert_allclose(stats.sink_share(probs, 1), probs[..., 0].mean(axis=(1, 2, 3)), rtol=1e-5)
     with pytest.raises(ValueError, match="num_sinks must be an integer >= 1, got 0"):
         stats.sink_mass(probs, 0)
 

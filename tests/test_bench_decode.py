@@ -9,7 +9,6 @@ import pytest
 from big_vision_lite.bench.decode import (
     TARGET_BANDWIDTH_FRACTION,
     TARGET_SPEEDUP,
-    CompileSpans,
     agree_prefix,
     decode_bytes_per_step,
     format_decode_table,
@@ -17,6 +16,7 @@ from big_vision_lite.bench.decode import (
     run_decode_bench,
 )
 from big_vision_lite.models.gemma import DecoderConfig
+from big_vision_lite.utils.timing import CompileSpans
 
 BATCHES = (1, 8)
 PROMPT_LEN, NEW_TOKENS, REPEATS = 12, 8, 1
@@ -38,7 +38,7 @@ def test_json_contract(result):
     for key in ("speedup_b1", "speedup_b8", "tokens_match", "bandwidth_gbps", "bytes_per_step_b1",
                 "bytes_per_step_b8", "bandwidth_fraction_b1", "dtype", "env", "ok", "targets_met", "batches"):
         assert key in result, key
-    assert result["benchmark"] == "decode" and result["dtype"] == "float32"
+    assert result["benchmark"] == "decode" and result["dtype"] == "float32" and isinstance(result["ok"], bool)
     assert (result["prompt_len"], result["new_tokens"], result["repeats"]) == (PROMPT_LEN, NEW_TOKENS, REPEATS)
     assert result["env"]["torch_num_threads"] == result["env"]["cpu_count"] >= 1
     assert [row["batch"] for row in result["batches"]] == list(BATCHES)

@@ -3,16 +3,20 @@
 import json
 import math
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from big_vision_lite.bench.forward import (
     TARGET_RATIO,
     TORCH_IMPLS,
-    bench_tokens,
     format_forward_table,
-    interleaved_times,
+    prefill_logits,
     run_forward_bench,
 )
+from big_vision_lite.bench.harness import bench_tokens
+from big_vision_lite.checkpoints import load
+from big_vision_lite.cli import main
 
 from conftest import build_tiny_hf
 
@@ -27,7 +31,7 @@ def result(tmp_path_factory) -> dict:
 
 
 def test_result_structure(result):
-    assert result["benchmark"] == "forward"
+    assert result["benchmark"] == "forward" and isinstance(result["ok"], bool)
     assert result["dtype"] == "float32" and result["seq_len"] == 24 and result["repeats"] == REPEATS
     assert result["target_ratio"] == TARGET_RATIO
     assert set(result["ours"]) >= {"scan_layers", "compiler_options"}
@@ -73,13 +77,25 @@ def test_table_warns_when_busy(result):
     assert "warning: other processes used up to 50%" in format_forward_table(busy)
 
 
-def test_helpers():
-    tokens = bench_tokens(50, 3, 7, seed=1)
-    assert tokens.shape == (3, 7) and tokens.dtype.name == "int32" and tokens.min() >= 1 and tokens.max() < 50
-    assert (tokens == bench_tokens(50, 3, 7, seed=1)).all()
-    calls = []
-    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2)
-    assert calls == ["a", "b", "b", "a"] and all(len(v) == 2 for v in times.values())
+def test_timed_function_is_the_last_logits_of_a_full_forward(tiny_checkpoints):
+    loaded = load(tiny_checkpoints["gemma3"], "float32")
+    tokens = jnp.asarray(bench_tokens(loaded.config.vocab_size, 2, 10))
+    mask = jnp.ones(tokens.shape, bool)
+    last = prefill_logits(loaded.module, loaded.params, tokens, mask)
+    positions = jnp.broadcast_to(jnp.arange(10), tokens.shape)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((10, 10), bool)), (2, 10, 10))
+    every = loaded.module.apply({"params": loaded.params}, tokens, positions, causal, None)[0]
+    assert last.shape == (2, 1, loaded.config.vocab_size) and last.dtype == jnp.float32
+    np.testing.assert_allclose(last, every[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_prints_the_table_and_writes_the_json(tiny_checkpoints, tmp_path, capsys):
+    path = tmp_path / "out" / "forward.json"
+    status = main(["bench", "forward", str(tiny_checkpoints["gemma3"]), "--seq-len", "8", "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert written["benchmark"] == "forward" and written["seq_len"] == 8
+    assert status == (0 if written["ok"] else 1)
+    assert "ratio = ours / min(eager, sdpa)" in capsys.readouterr().out
 
 
 def test_rejects_bad_arguments():

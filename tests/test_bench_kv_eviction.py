@@ -2,7 +2,9 @@
 whatever the speed (the full cache against itself, budgets honoured), the plot, and refused input."""
 
 import json
+import sys
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -27,6 +29,7 @@ def test_bench_on_real_text(smollm2_cache, tmp_path, monkeypatch, capsys):
                                          speed_lengths=(64, 128))
     assert result["documents"] == [{"name": "jargon_hack.txt", "tokens": 256, "available": result["documents"][0][
         "available"]}] and result["documents"][0]["available"] > 3000
+    assert result["benchmark"] == "kv_eviction" and isinstance(result["ok"], bool) and result["env"]["cpu_count"] >= 1
     assert len(result["results"]) == 4
     for row in result["results"]:
         assert row["policy"] in ("streaming", "recently_activated")
@@ -65,3 +68,18 @@ def test_bad_input_is_refused(smollm2_cache, tmp_path, monkeypatch, capsys):
     for extra, message in cases:
         assert main(["bench", "kv-eviction", "smollm2-135m", *extra]) == 2
         assert message in capsys.readouterr().err, extra
+
+
+def test_plot_leaves_the_matplotlib_session_alone(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark must not change the session's matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # importing pyplot now fails
+    rows = [bench._policy_fields(policy) | {"budget": budget, "memory": budget, "ppl_ratio": 1 + 1 / budget,
+                                            "top1_agreement": 1 - budget / 2}
+            for policy in bench.POLICY_SET[:2] for budget in (0.2, 0.5)]
+    crossover = [{"context": n, "full_ms": n / 100, "evicting_ms": 3.0} for n in (256, 512, 1024)]
+    result = {"model": "toy", "results": rows, "speed": {"capacity": 512, "crossover": crossover}}
+    bench.plot_kv_eviction(result, tmp_path / "plots" / "kv.png")
+    assert (tmp_path / "plots" / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

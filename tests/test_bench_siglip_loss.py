@@ -26,6 +26,7 @@ def test_json_contract(result):
                 "env", "block_size", "dim"):
         assert key in result, key
     assert result["benchmark"] == "siglip_loss" and (result["dim"], result["block_size"]) == (DIM, BLOCK)
+    assert isinstance(result["ok"], bool)
     assert [(row["batch"], row["impl"]) for row in result["rows"]] == [(b, i) for b in BATCHES for i in IMPLS]
     assert result["env"]["cpu_count"] >= 1 and result["env"]["jax_backend"] == "cpu"
     assert set(result["targets_met"]) == set(TARGETS) and result["targets"]["at_batch"] == BATCHES[-1]
@@ -56,6 +57,13 @@ def test_table(result):
     assert "memory_ratio" in table and "time_ratio" in table
     for b in BATCHES:
         assert f"{b:>6}   dense" in table and f"{b:>6} blocked" in table
+
+
+def test_table_warns_when_busy(result):
+    busy = {**result, "per_batch": [{**pb, "background_cpu": 0.4} for pb in result["per_batch"]]}
+    assert "warning: other processes used up to 40% of the CPUs while timing" in format_siglip_loss_table(busy)
+    quiet = {**result, "per_batch": [{**pb, "background_cpu": 0.0} for pb in result["per_batch"]]}
+    assert "warning" not in format_siglip_loss_table(quiet)
 
 
 def test_rss_probe_in_subprocess():

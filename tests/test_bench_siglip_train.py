@@ -4,6 +4,7 @@ and the weight-decay mapping (never speed)."""
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from big_vision_lite.bench.siglip_train import (
@@ -11,19 +12,24 @@ from big_vision_lite.bench.siglip_train import (
     FIRST_LOSS_TOL,
     TARGET_RATIO,
     TORCH_IMPLS,
+    bench_batches,
     decay_flags,
     format_siglip_train_table,
     run_siglip_train_bench,
 )
-from big_vision_lite.models.two_towers import build_two_towers, init_params
+from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers_config
+from big_vision_lite.train.config import load_config
+from big_vision_lite.train.loop import prepare
+from big_vision_lite.train.sharding import shard_batch
 
-BATCH, STEPS, BLOCK, CHECK = 8, 4, 2, 3
+CONFIG = "siglip_shapes:smoke"
+BATCH, STEPS, BLOCK, CHECK, SEED = 8, 4, 2, 3, 1
 
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    return run_siglip_train_bench("configs/siglip_shapes.py:smoke", batch_size=BATCH, steps=STEPS, block_steps=BLOCK,
-                                  check_steps=CHECK, num_batches=2)
+    return run_siglip_train_bench(CONFIG, batch_size=BATCH, steps=STEPS, block_steps=BLOCK, check_steps=CHECK,
+                                  num_batches=2, seed=SEED)
 
 
 def test_json_contract(result):
@@ -32,6 +38,7 @@ def test_json_contract(result):
                 "final_loss_torch", "sizes", "batch", "steps", "compile_s", "torch_threads", "env", "background_cpu"):
         assert key in result, key
     assert result["benchmark"] == "siglip_train" and result["target"] == TARGET_RATIO
+    assert result["config"] == CONFIG and isinstance(result["ok"], bool)
     assert (result["batch"], result["steps"], result["block_steps"], result["check_steps"]) == (BATCH, STEPS, BLOCK,
                                                                                                 CHECK)
     assert result["sizes"]["image"]["width"] == 32 and result["sizes"]["params"] > 0  # the smoke config's model
@@ -57,6 +64,18 @@ def test_losses_agree(result):
     assert result["final_step"] == CHECK + probe_steps + STEPS
 
 
+def test_ours_is_the_step_bvl_train_runs(result, tmp_path):
+    # What `train` would do with the config (its seed moved by the bench's seed): prepare, a fresh state, one step
+    # on the bench's first batch. The bench's first checked loss is that step's loss.
+    config = load_config(CONFIG)
+    config.batch_size, config.seed = BATCH, config.seed + SEED
+    trainer = prepare(config, tmp_path)
+    cfg = trainer.task.model.config
+    host = bench_batches(cfg.image.image_size, cfg.text.max_len, cfg.text.vocab_size, BATCH, 1, SEED)[0]
+    _, metrics = trainer.step(trainer.init_state(), shard_batch(host, trainer.mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), result["first_loss_ours"], rtol=1e-6)
+
+
 def test_figures(result):
     times = result["times_ms"]
     assert set(times) == {"ours", *TORCH_IMPLS} and all(len(ts) == STEPS // BLOCK for ts in times.values())
@@ -79,9 +98,9 @@ def test_table(result):
 
 
 def test_decay_flags_follow_our_layout():
-    model = build_two_towers({
+    model = TwoTowers(two_towers_config({
         "image": dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, image_size=16, pool_type="map"),
-        "text": dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=10, max_len=4), "out_dim": (None, 16)})
+        "text": dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=10, max_len=4), "out_dim": (None, 16)}))
     shapes = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))  # all the flags need
     flags = decay_flags(shapes, model.config)
     layer = "vision_model.encoder.layers.0."
@@ -95,6 +114,6 @@ def test_decay_flags_follow_our_layout():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="block_steps"):
-        run_siglip_train_bench("configs/siglip_shapes.py:smoke", steps=3, block_steps=2)
+        run_siglip_train_bench(CONFIG, steps=3, block_steps=2)
     with pytest.raises(ValueError, match="check_steps"):
-        run_siglip_train_bench("configs/siglip_shapes.py:smoke", check_steps=1)
+        run_siglip_train_bench(CONFIG, check_steps=1)

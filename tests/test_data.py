@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from big_vision_lite.checkpoints.tokenizer import load_tokenizer
 from big_vision_lite.data import (
     CaptionFileSource,
     ShapesSpec,
@@ -33,7 +34,6 @@ from big_vision_lite.data import (
     train_caption_tokenizer,
 )
 from big_vision_lite.data.pipeline import permute
-from big_vision_lite.tokenizer import load_tokenizer
 
 SPEC = ShapesSpec()
 

@@ -7,19 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite.checkpoints import load_decoder
-from big_vision_lite.generate import make_apply
-from big_vision_lite.models.attention import Attention, causal_mask, rope_inv_freq
-from big_vision_lite.models.gemma import (
-    Decoder,
-    DecoderConfig,
-    positions_from_mask,
-    prefill_mask,
-    stack_layers,
-    unstack_layers,
-)
+from big_vision_lite.checkpoints import load
+from big_vision_lite.models.attention import Attention, rope_inv_freq
+from big_vision_lite.models.gemma import Decoder, DecoderConfig, stack_layers, unstack_layers
 from big_vision_lite.models.lora import Einsum, LoRAConfig, lora_equations
-from big_vision_lite.parity import parity_batch
+from big_vision_lite.models.masks import causal_mask, positions_from_mask, prefill_mask
+from big_vision_lite.parity.decoder import parity_batch
 
 from conftest import TINY_FAMILIES
 
@@ -38,14 +31,19 @@ def _apply(module, params, *args):
     return jax.jit(module.apply)({"params": params}, *args)
 
 
+def _load(folder, scan_layers=False):
+    loaded = load(folder, scan_layers=scan_layers)
+    return loaded.module, loaded.params, loaded.config
+
+
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_cache_steps_equal_one_pass(tiny_checkpoints, family):
     """Prefill a prefix, then feed one token at a time through the concatenation cache and through the
     fixed-capacity cache: both give the one-pass logits."""
-    module, params, cfg = load_decoder(tiny_checkpoints[family])
+    module, params, cfg = _load(tiny_checkpoints[family], scan_layers=True)
     tokens, mask = parity_batch(cfg.vocab_size, 16)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    apply = make_apply(module)
+    apply = lambda *args: _apply(module, *args)  # noqa: E731
     positions = positions_from_mask(mask)
     full, _, _ = apply(params, tokens, positions, prefill_mask(mask), None)
 
@@ -184,8 +182,8 @@ def test_fresh_lora_adapter_is_an_exact_no_op(rslora):
     params = _init(base, tokens, mask)
     lora_cfg = dataclasses.replace(SMALL, lora=LoRAConfig(rank=2, alpha=4.0, rslora=rslora))
     lora_params = _init(Decoder([lora_cfg]), tokens, mask, seed=1)
-    assert "lora_a" in lora_params["layers"]["attn"]["q_einsum"]
-    assert "gating_einsum_lora_b" in lora_params["layers"]["mlp"]
+    assert "lora_a" in lora_params["layers_0"]["attn"]["q_einsum"]
+    assert "gating_einsum_lora_b" in lora_params["layers_0"]["mlp"]
     # Give the adapted model the base weights; its fresh adapters (B = 0) must change nothing.
     merged = jax.tree_util.tree_map_with_path(
         lambda path, a: a if "lora" in jax.tree_util.keystr(path) else _get(params, path), lora_params)
@@ -227,19 +225,19 @@ def test_config_rejects_inconsistent_settings():
 
 def test_per_layer_cache_equals_stacked_cache(tiny_checkpoints):
     """The decode loop's per-layer (tuple) cache gives the stacked cache's logits and keys; scanned layers refuse it."""
-    module, params, cfg = load_decoder(tiny_checkpoints["gemma2"], scan_layers=False)
+    module, params, cfg = _load(tiny_checkpoints["gemma2"])
     tokens, mask = parity_batch(cfg.vocab_size, 12)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     positions = positions_from_mask(mask)
     _, cache, _ = _apply(module, params, tokens[:, :-1], positions[:, :-1], prefill_mask(mask[:, :-1]))
     fixed = cache.with_capacity(tokens.shape[1])
-    per_layer = fixed._replace(k=tuple(fixed.k), v=tuple(fixed.v))
+    per_layer = fixed.per_layer()
     step = (tokens[:, -1:], positions[:, -1:], causal_mask(positions[:, -1:], positions, mask))
     stacked_logits, stacked, _ = _apply(module, params, *step, fixed)
     tuple_logits, tupled, _ = _apply(module, params, *step, per_layer)
     np.testing.assert_array_equal(tuple_logits, stacked_logits)
     assert isinstance(tupled.k, tuple) and len(tupled.k) == cfg.depth
-    np.testing.assert_array_equal(jnp.stack(tupled.k), stacked.k)
-    scanned, scanned_params, _ = load_decoder(tiny_checkpoints["gemma2"], scan_layers=True)
+    np.testing.assert_array_equal(tupled.stacked().k, stacked.k)
+    scanned, scanned_params, _ = _load(tiny_checkpoints["gemma2"], scan_layers=True)
     with pytest.raises(ValueError, match=r"per-layer \(tuple\) cache needs scan_layers=False"):
         scanned.apply({"params": scanned_params}, *step, per_layer)

@@ -6,19 +6,24 @@ import jax
 import numpy as np
 import pytest
 
-from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.checkpoints import load
+from big_vision_lite.checkpoints.tokenizer import load_tokenizer
 from big_vision_lite.cli import main
-from big_vision_lite.generate import generate, greedy, left_pad
-from big_vision_lite.parity import parity_batch
-from big_vision_lite.samplers import SamplerConfig
-from big_vision_lite.tokenizer import load_tokenizer
+from big_vision_lite.decoding.engine import generate, left_pad
+from big_vision_lite.decoding.samplers import SamplerConfig
+from big_vision_lite.parity.decoder import parity_batch
+
+
+def greedy(module, params, tokens, mask, max_new_tokens):
+    """Greedy ids with no early stop."""
+    return generate(module, params, tokens, mask, max_new_tokens).tokens
 
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoints):
-    module, params, cfg = load_decoder(tiny_checkpoints["gemma3"])
-    tokens, mask = parity_batch(cfg.vocab_size, 12)
-    return module, params, tokens, mask
+    loaded = load(tiny_checkpoints["gemma3"])
+    tokens, mask = parity_batch(loaded.config.vocab_size, 12)
+    return loaded.module, loaded.params, tokens, mask
 
 
 def test_rows_stop_at_their_own_end_token(model):
@@ -93,8 +98,9 @@ def test_cli_generate_batches_prompts_of_different_lengths(tiny_with_tokenizer, 
     assert result["tokens_per_s"] > 0 and result["compile_s"] > 0 and result["sampler"]["temperature"] == 0
 
     # The same ids as `generate` on the tokenizer's left-padded batch, each row cut after its first EOS.
-    module, params, _ = load_decoder(tiny_with_tokenizer)
-    tokenizer = load_tokenizer(tiny_with_tokenizer)
+    loaded = load(tiny_with_tokenizer)
+    module, params, tokenizer = loaded.module, loaded.params, loaded.tokenizer
+    assert tokenizer.vocab_size == load_tokenizer(tiny_with_tokenizer).vocab_size
     tokens, mask = left_pad(tokenizer.encode_batch(["a stitch", "the lazy dog", "to be or not"]), tokenizer.pad_id)
     assert tokens[0, 0] == tokenizer.pad_id and (tokens[mask.argmax(1) == 0][:, 0] == tokenizer.bos_id).all()
     expected = generate(module, params, tokens, mask, 6, end_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)

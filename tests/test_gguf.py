@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from big_vision_lite.checkpoints import gguf as bvl_gguf
-from big_vision_lite.checkpoints.gguf import (
+from big_vision_lite.checkpoints.gguf import convert as bvl_gguf
+from big_vision_lite.checkpoints.gguf.convert import (
     CONVERTER_VERSION,
     MARKER_FILE,
-    GGUFConversionError,
     UnsupportedArchitectureError,
     gguf_to_hf_folder,
 )
+from big_vision_lite.checkpoints.gguf.reader import GGUFConversionError
 from big_vision_lite.checkpoints.packaged import (
     PACKAGED_MODELS,
     ModelNotInstalledError,

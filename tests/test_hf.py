@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from big_vision_lite.checkpoints.hf import CheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
+from big_vision_lite.checkpoints.files import CheckpointError
+from big_vision_lite.checkpoints.hf_decoder import config_from_hf, config_to_hf, read_decoder_hf, save_decoder_hf
 
 from conftest import TINY_FAMILIES
 
@@ -15,16 +16,16 @@ from conftest import TINY_FAMILIES
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_hf_round_trip_is_bit_exact(tiny_checkpoints, tmp_path, family):
     src = tiny_checkpoints[family]
-    cfg, params = load_hf(src)
-    out = save_hf(tmp_path / "out", cfg, params, json.loads((src / "config.json").read_text()))
+    cfg, params, _ = read_decoder_hf(src)
+    out = save_decoder_hf(tmp_path / "out", cfg, params, json.loads((src / "config.json").read_text()))
     before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(before) == sorted(after)
     for name in before:
         assert before[name].dtype == after[name].dtype, name
         assert before[name].tobytes() == after[name].tobytes(), name
     # Written with a generated config (a model made in JAX), it loads back to the same config and weights.
-    regenerated = save_hf(tmp_path / "regen", cfg, params)
-    cfg2, params2 = load_hf(regenerated)
+    regenerated = save_decoder_hf(tmp_path / "regen", cfg, params)
+    cfg2, params2, _ = read_decoder_hf(regenerated)
     assert cfg2 == cfg
     assert all(a.tobytes() == b.tobytes() for a, b in zip(_leaves(params), _leaves(params2), strict=True))
 
@@ -42,9 +43,9 @@ def test_round_trip_keeps_bfloat16_bytes(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["gemma3"], src)
     state = load_file(src / "model.safetensors")
     save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}, src / "model.safetensors")
-    cfg, params = load_hf(src)
+    cfg, params, _ = read_decoder_hf(src)
     assert all(leaf.dtype == ml_dtypes.bfloat16 for leaf in _leaves(params))
-    out = save_hf(tmp_path / "out", cfg, params)
+    out = save_decoder_hf(tmp_path / "out", cfg, params)
     after = load_file(out / "model.safetensors")
     before = load_file(src / "model.safetensors")
     assert all(before[k].tobytes() == after[k].tobytes() for k in before)
@@ -99,7 +100,7 @@ def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' is missing \(expected shape "
                                               r"\(64, 32\)\)"):
-        load_hf(folder)
+        read_decoder_hf(folder)
 
 
 def test_shape_mismatch_names_file_tensor_and_shapes(tiny_checkpoints, tmp_path):
@@ -108,14 +109,14 @@ def test_shape_mismatch_names_file_tensor_and_shapes(tiny_checkpoints, tmp_path)
     (folder / "config.json").write_text(json.dumps(config | {"intermediate_size": 80}))
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
                                               r"shape \(64, 32\), config.json implies \(80, 32\)"):
-        load_hf(folder)
+        read_decoder_hf(folder)
 
 
 def test_unknown_model_type_lists_supported(tiny_checkpoints, tmp_path):
     folder = _copy(tiny_checkpoints, tmp_path)
     (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(CheckpointError, match=r"model_type 'mamba' is not supported; supported: \('gemma'"):
-        load_hf(folder)
+        read_decoder_hf(folder)
 
 
 def test_truncated_file_is_named(tiny_checkpoints, tmp_path):
@@ -123,28 +124,28 @@ def test_truncated_file_is_named(tiny_checkpoints, tmp_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read safetensors file"):
-        load_hf(folder)
+        read_decoder_hf(folder)
 
 
 def test_missing_files_and_unexpected_tensors(tiny_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: not found"):
-        load_hf(tmp_path)
+        read_decoder_hf(tmp_path)
     folder = _copy(tiny_checkpoints, tmp_path)
     state = load_file(folder / "model.safetensors")
     save_file(state | {"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.0.self_attn.q_proj.bias'\]"):
-        load_hf(folder)
+        read_decoder_hf(folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no \*.safetensors file found"):
-        load_hf(folder)
+        read_decoder_hf(folder)
 
 
 def test_save_leaves_no_partial_folder_on_failure(tiny_checkpoints, tmp_path):
-    cfg, params = load_hf(tiny_checkpoints["llama"])
+    cfg, params, _ = read_decoder_hf(tiny_checkpoints["llama"])
     broken = dict(params)
     del broken["final_norm"]
     with pytest.raises(KeyError):
-        save_hf(tmp_path / "out", cfg, broken)
+        save_decoder_hf(tmp_path / "out", cfg, broken)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -156,7 +157,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tiny_checkpoints, tmp_path)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    cfg, params = load_hf(tmp_path / "sharded")
-    cfg_ref, params_ref = load_hf(tiny_checkpoints["gemma2"])
+    cfg, params, _ = read_decoder_hf(tmp_path / "sharded")
+    cfg_ref, params_ref, _ = read_decoder_hf(tiny_checkpoints["gemma2"])
     assert cfg == cfg_ref
     assert all(a.tobytes() == b.tobytes() for a, b in zip(_leaves(params), _leaves(params_ref), strict=True))

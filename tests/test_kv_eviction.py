@@ -9,22 +9,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite.checkpoints import load_decoder
-from big_vision_lite.generate import generate
-from big_vision_lite.kv_eviction import POLICIES, EvictionPolicy, global_layers, init_state, step, teacher_forced
-from big_vision_lite.models.gemma import prefill_mask
+from big_vision_lite.checkpoints import load
+from big_vision_lite.decoding.engine import generate, prefill
+from big_vision_lite.decoding.kv_eviction import (
+    POLICIES,
+    EvictionPolicy,
+    global_layers,
+    init_state,
+    step,
+    teacher_forced,
+)
 
 PROMPT = 8
 
 
 @pytest.fixture(scope="module")
 def llama(tiny_checkpoints):
-    return load_decoder(tiny_checkpoints["llama"], scan_layers=False)  # 2 layers, 4 heads, 2 kv heads
+    loaded = load(tiny_checkpoints["llama"])  # 2 layers, 4 heads, 2 kv heads
+    return loaded.module, loaded.params, loaded.config
 
 
 @pytest.fixture(scope="module")
 def gemma3(tiny_checkpoints):
-    return load_decoder(tiny_checkpoints["gemma3"], scan_layers=False)  # sliding, sliding, full (window 8)
+    loaded = load(tiny_checkpoints["gemma3"])  # sliding, sliding, full (window 8)
+    return loaded.module, loaded.params, loaded.config
 
 
 def _tokens(rows: int, length: int, seed: int = 0) -> np.ndarray:
@@ -82,8 +90,7 @@ def _run_steps(module, params, tokens, capacity, policy, evict_layers):
     """Step by step: returns per step the attention [L][B, N, S] and the positions held before and after."""
     module = module.clone(return_probs=True)
     mask = jnp.ones((tokens.shape[0], PROMPT), bool)
-    positions = jnp.broadcast_to(jnp.arange(PROMPT), mask.shape)
-    _, cache, out = module.apply({"params": params}, jnp.asarray(tokens[:, :PROMPT]), positions, prefill_mask(mask))
+    _, cache, out = prefill(module, params, jnp.asarray(tokens[:, :PROMPT]), mask)
     slots = [tokens.shape[1]] * len(evict_layers)
     state = init_state(cache, mask, slots, policy, out["attn_probs"])
     jitted = jax.jit(functools.partial(step, module, policy=policy, evict_layers=evict_layers),

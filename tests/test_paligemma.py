@@ -6,15 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite.generate import generate
-from big_vision_lite.models.gemma import DecoderConfig, positions_from_mask
-from big_vision_lite.models.paligemma import (
-    PaliGemma,
-    PaliGemmaConfig,
-    check_image_tokens,
-    init_params,
-    make_attn_mask,
-)
+from big_vision_lite.decoding.engine import generate
+from big_vision_lite.models.gemma import DecoderConfig
+from big_vision_lite.models.masks import positions_from_mask, prefix_lm_mask
+from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, check_image_tokens, init_params
 from big_vision_lite.models.vit import ViTConfig
 
 VOCAB = 48
@@ -71,7 +66,7 @@ def test_prefix_lm_mask_equals_transformers():
         past_key_values=None, position_ids=torch.tensor(positions),
         block_sequence_ids=torch.where(torch.tensor(token_types) == 0, 0, -1))
     theirs = (theirs[:, 0] == 0).numpy()  # additive float mask -> allowed
-    ours = np.asarray(make_attn_mask(jnp.asarray(input_mask), jnp.asarray(token_types)))
+    ours = np.asarray(prefix_lm_mask(jnp.asarray(input_mask), jnp.asarray(token_types)))
     # Queries at padding attend to nothing in ours and to something in theirs; neither is ever read.
     valid_queries = input_mask[:, :, None]
     np.testing.assert_array_equal(ours & valid_queries, theirs & valid_queries)
@@ -84,7 +79,7 @@ def test_image_tokens_fill_the_placeholders_unscaled(model):
     module, params = model
     tokens, mask = _prompts([[2, 5, 6], [2, 7]])
     positions = positions_from_mask(jnp.asarray(mask))
-    attn = make_attn_mask(jnp.asarray(mask), jnp.zeros_like(jnp.asarray(mask)))
+    attn = prefix_lm_mask(jnp.asarray(mask), jnp.zeros_like(jnp.asarray(mask)))
     _, _, out = module.apply({"params": params}, jnp.asarray(tokens), positions, attn, images=_images(2))
     x, image_tokens = np.asarray(out["embeddings"]), np.asarray(out["image_tokens"])
     np.testing.assert_array_equal(x[0, :P], image_tokens[0])
@@ -136,7 +131,7 @@ def test_generation_with_images_matches_teacher_forcing(model):
             t = jnp.asarray([ids])
             m = jnp.ones_like(t, bool)
             ar = jnp.asarray([[0] * (P + len(row)) + [1] * step])  # generated tokens are causal
-            logits, _, _ = module.apply({"params": params}, t, positions_from_mask(m), make_attn_mask(m, ar),
+            logits, _, _ = module.apply({"params": params}, t, positions_from_mask(m), prefix_lm_mask(m, ar),
                                         images=images[b:b + 1])
             ids.append(int(jnp.argmax(logits[0, -1])))
         assert out[b].tolist() == ids[-new:], b
@@ -159,7 +154,7 @@ def test_suffix_pass_on_reused_prefix_cache_equals_joint_pass(two_experts):
     suffix_mask = jnp.ones((batch, suffix_len), bool)
     input_mask = jnp.concatenate([prefix_mask, suffix_mask], axis=1)
     mask_ar = jnp.concatenate([jnp.zeros_like(prefix_mask), suffix_mask], axis=1)
-    full = make_attn_mask(input_mask, mask_ar)  # [B, T + S, T + S]
+    full = prefix_lm_mask(input_mask, mask_ar)  # [B, T + S, T + S]
     positions = positions_from_mask(input_mask)
     prefix = module.apply({"params": params}, jnp.asarray(tokens), _images(batch), method="embed")[0]
     apply = lambda xs, pos, attn, cache=None: module.apply(  # noqa: E731
@@ -194,7 +189,7 @@ def test_single_expert_checkpoint_loads_into_expert_zero(model, two_experts):
 
     tokens, mask = _prompts([[2, 5, 6]])
     m = jnp.asarray(mask)
-    args = (jnp.asarray(tokens), positions_from_mask(m), make_attn_mask(m, jnp.zeros_like(m)))
+    args = (jnp.asarray(tokens), positions_from_mask(m), prefix_lm_mask(m, jnp.zeros_like(m)))
     ours, _, _ = module.apply({"params": merged}, *args, images=_images(1))
     reference, _, _ = single_module.apply({"params": single}, *args, images=_images(1))
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))

@@ -19,23 +19,22 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import big_vision_lite.paligemma_parity as pg_parity
-from big_vision_lite.checkpoints.hf import CheckpointError
-from big_vision_lite.checkpoints.npz import load_npz_params, save_npz_params
-from big_vision_lite.checkpoints.paligemma import (
+import big_vision_lite.parity.paligemma as pg_parity
+from big_vision_lite.checkpoints import CheckpointError, load
+from big_vision_lite.checkpoints.hf_paligemma import (
     LAYOUTS,
     detect_layout,
-    load_paligemma,
     paligemma_config_from_hf,
     paligemma_config_to_hf,
     paligemma_params_from_hf,
     paligemma_params_to_hf,
     read_paligemma_hf,
-    relayout_paligemma_params,
     save_paligemma_hf,
 )
+from big_vision_lite.checkpoints.npz import load_npz_params, save_npz_params
 from big_vision_lite.cli import main
-from big_vision_lite.models.paligemma import make_attn_mask
+from big_vision_lite.models.paligemma import relayout_paligemma
+from big_vision_lite.parity import run_parity
 
 GREEDY_TOKENS = 16
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -140,10 +139,10 @@ def test_hf_ours_hf_round_trip_is_byte_identical(folders, tmp_path, layout):
         out = save_paligemma_hf(tmp_path / family, cfg, params, layout=layout, hf_config=hf)
         assert _tensors(out) == _tensors(src)
         assert json.loads((out / "config.json").read_text()) == hf
-        # Unrolled layers convert to the same tensors.
-        unrolled = relayout_paligemma_params(params, cfg, scan_layers=False)
-        assert "layers_1" in unrolled["llm"]
-        state = paligemma_params_to_hf(unrolled, cfg, layout)
+        # Stacked (scanned) layers convert to the same tensors.
+        stacked = relayout_paligemma(params, cfg, scan_layers=True)
+        assert "layers" in stacked["llm"] and "encoderblock" in stacked["img"]["Transformer"]
+        state = paligemma_params_to_hf(stacked, cfg, layout)
         assert {k: v.tobytes() for k, v in state.items()} == _tensors(src)
     # transformers' own save (flat vision tower) converts to the legacy layout's names and the same bytes.
     cfg, params, _ = read_paligemma_hf(folders["gemma", "saved"])
@@ -174,7 +173,7 @@ def test_derived_config_loads_in_transformers_with_the_same_weights(folders, tmp
 
 @pytest.mark.parametrize(("family", "layout"), [("gemma", "legacy"), ("gemma", "model"), ("gemma2", "model")])
 def test_parity_with_transformers(folders, family, layout):
-    report = pg_parity.run_paligemma_parity(folders[family, layout], greedy_tokens=GREEDY_TOKENS)
+    report = run_parity(str(folders[family, layout]), greedy_tokens=GREEDY_TOKENS)
     assert report.ok and report.max_rel_err <= 1e-5 and report.tolerance == 1e-5, report.table()
     assert report.greedy_match and [len(row) for row in report.greedy_ours] == [GREEDY_TOKENS] * 2, report.table()
     assert [e.name for e in report.layers] == [
@@ -184,7 +183,7 @@ def test_parity_with_transformers(folders, family, layout):
 
 
 def test_bfloat16_parity(folders):
-    report = pg_parity.run_paligemma_parity(folders["gemma2", "model"], "bfloat16", greedy_tokens=GREEDY_TOKENS)
+    report = run_parity(str(folders["gemma2", "model"]), "bfloat16", greedy_tokens=GREEDY_TOKENS)
     assert report.ok and 0 < report.max_rel_err <= report.tolerance == 3e-2, report.table()
     assert len(report.greedy_agree) == 2
 
@@ -203,8 +202,13 @@ def test_parity_batch_layout(folders):
 
 def test_parity_detects_a_causal_prefix(folders, monkeypatch):
     """A check that cannot fail proves nothing: make our image + prefix attend causally."""
-    monkeypatch.setattr(pg_parity, "make_attn_mask", lambda mask, mask_ar: make_attn_mask(mask, jnp.ones_like(mask_ar)))
-    report = pg_parity.run_paligemma_parity(folders["gemma", "legacy"], greedy_tokens=GREEDY_TOKENS)
+    real = pg_parity.jitted_prefill
+
+    def causal_prefix(module, params, tokens, mask, *, mask_ar, **kwargs):
+        return real(module, params, tokens, mask, mask_ar=jnp.ones_like(mask_ar), **kwargs)
+
+    monkeypatch.setattr(pg_parity, "jitted_prefill", causal_prefix)
+    report = run_parity(str(folders["gemma", "legacy"]), greedy_tokens=GREEDY_TOKENS)
     errors = {e.name: e.rel_err for e in report.layers}
     assert not report.ok and errors["logits"] > 1e-2
     assert errors["image_tokens"] <= 1e-5 and errors["embeddings"] <= 1e-5  # the vision side does not see the mask
@@ -248,10 +252,8 @@ def test_hf_to_npz_to_params_and_back_to_hf(folders, tmp_path):
         assert "params/llm/layers/attn/q_einsum/w" in raw.files and "params/llm/layers/mlp/gating_einsum" in raw.files
         assert raw["params/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"].shape == (2, 24, 48)
         assert raw["params/img/head/kernel"].shape == (24, 32) and raw["params/img/pos_embedding"].shape == (1, 16, 24)
-    _assert_trees_equal(load_npz_params(path, cfg), params)  # cfg.vision.scan False: blocks unrolled
-    scanned = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=True))
-    _assert_trees_equal(load_npz_params(path, scanned, scan_layers=False),
-                        relayout_paligemma_params(params, scanned, scan_layers=False))
+    _assert_trees_equal(load_npz_params(path, cfg), params)  # scan_layers False: blocks and layers unrolled
+    _assert_trees_equal(load_npz_params(path, cfg, scan_layers=True), relayout_paligemma(params, cfg, True))
     out = save_paligemma_hf(tmp_path / "hf", cfg, load_npz_params(path, cfg), hf_config=hf)
     assert _tensors(out) == _tensors(folders["gemma", "legacy"])
     # The same params cast to bfloat16 come back as bfloat16 with the same bits.
@@ -290,11 +292,11 @@ def test_missing_and_misshapen_tensors_name_key_and_file(folders, tmp_path):
     bad = write_renamed(src, tmp_path / "shape", lambda k: k, {name: np.zeros((63, 32), np.float32)})
     with pytest.raises(CheckpointError, match=rf"shape/model\.safetensors: tensor '{name}' has shape \(63, 32\), "
                                               r"config\.json implies \(64, 32\)"):
-        load_paligemma(bad)
+        load(bad)
     missing = "multi_modal_projector.linear.bias"
     bad = write_renamed(src, tmp_path / "missing", lambda k: "dropped" if k == missing else k)
     with pytest.raises(CheckpointError, match=rf"missing/model\.safetensors: tensor '{missing}' is missing"):
-        load_paligemma(bad)
+        load(bad)
 
 
 def test_lm_head_must_equal_the_tied_embedding(folders, tmp_path):
@@ -305,10 +307,10 @@ def test_lm_head_must_equal_the_tied_embedding(folders, tmp_path):
     bad = write_renamed(src, tmp_path / "untied", lambda k: k, {"lm_head.weight": embedding + 1})
     with pytest.raises(CheckpointError, match=r"tensor 'lm_head\.weight' differs from "
                                               r"'model\.language_model\.embed_tokens\.weight'"):
-        load_paligemma(bad)
+        load(bad)
     extra = write_renamed(src, tmp_path / "extra", lambda k: k, {"model.vision_tower.head.probe": embedding[:1]})
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['model\.vision_tower\.head\.probe'\]"):
-        load_paligemma(extra)
+        load(extra)
 
 
 # Shaped like a released PaliGemma 1 config.json: no head_dim, image_size or hidden_activation.

@@ -11,11 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_vision_lite.train.checkpoint import load_params
+from big_vision_lite.checkpoints import load
+from big_vision_lite.checkpoints.run import load_params, read_run_info
 from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import train
 from big_vision_lite.train.metrics import read_metrics
-from big_vision_lite.train.paligemma import (
+from big_vision_lite.train.tasks.paligemma import (
     PaliGemmaTask,
     attribute_accuracies,
     caption_eval_sources,
@@ -23,16 +24,14 @@ from big_vision_lite.train.paligemma import (
     parse_shapes_caption,
 )
 
-SMOKE = "configs/paligemma_shapes_caption.py:smoke"
+SMOKE = "paligemma_shapes_caption:smoke"
 
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
     """A finished SigLIP smoke run, shared by the tests (each PaliGemma run would otherwise train one)."""
     workdir = tmp_path_factory.mktemp("siglip")
-    from big_vision_lite.train import task_factory
-
-    train(load_config("configs/siglip_shapes.py:smoke"), workdir, task_factory("siglip"), progress=False)
+    train(load_config("siglip_shapes:smoke"), workdir, progress=False)
     return workdir
 
 
@@ -93,9 +92,7 @@ def test_lora_with_frozen_base_trains_only_the_adapters(siglip_dir, tmp_path):
     config = _config(siglip_dir, "total_steps=2", "eval_every=2", "ckpt_every=2")
     config.model.llm.lora = {"rank": 2, "alpha": 2.0}
     config.trainable = [".*lora_"]
-    from big_vision_lite.train import task_factory
-
-    train(config, tmp_path / "lora", task_factory("paligemma"), progress=False)
+    train(config, tmp_path / "lora", progress=False)
     _, params = load_params(tmp_path / "lora")
     task = PaliGemmaTask(config, tmp_path / "lora", mesh=None)
     initial = jax.tree.map(np.asarray, jax.jit(task.init_params)(jax.random.split(jax.random.PRNGKey(0))[0]))
@@ -141,12 +138,12 @@ def test_shapes_are_scored_on_new_images_of_trained_pairs_and_on_novel_pairs():
 
 def test_a_siglip_tower_trained_on_other_data_is_refused(siglip_dir, tmp_path):
     data = load_config(SMOKE).data
-    check_same_data(data, load_config("configs/siglip_shapes.py").data, "configs/siglip_shapes.py")
-    other = apply_overrides(load_config("configs/siglip_shapes.py"), ["data.holdout_fraction=0.3"]).data
+    check_same_data(data, load_config("siglip_shapes").data, "siglip_shapes")
+    other = apply_overrides(load_config("siglip_shapes"), ["data.holdout_fraction=0.3"]).data
     with pytest.raises(ValueError, match=r"data.holdout_fraction 0.25 differs from the SigLIP run's 0.3"):
         check_same_data(data, other, "x.py")
     with pytest.raises(ValueError, match=r"data.name 'shapes' differs from the SigLIP run's 'folder'"):
-        check_same_data(data, apply_overrides(load_config("configs/siglip_shapes.py"), ["data.name=folder"]).data, "x")
+        check_same_data(data, apply_overrides(load_config("siglip_shapes"), ["data.name=folder"]).data, "x")
     # Through the task: the SigLIP run of siglip_dir was trained on 32-pixel images, this config asks for 48.
     with pytest.raises(ValueError, match=r"data.image_size 48 differs from the SigLIP run.s 32 \(init.siglip_config"):
         PaliGemmaTask(_config(siglip_dir, "data.image_size=48"), tmp_path, mesh=None)
@@ -156,11 +153,17 @@ def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):
     """`bvl generate RUN --image A --image B --prompt P --prompt P` equals the task's own greedy captions."""
     from PIL import Image
 
+    from big_vision_lite.data.processor import PaliGemmaProcessor
     from big_vision_lite.data.shapes import ShapesSpec, shapes_batch
-    from big_vision_lite.train.paligemma import load_paligemma_run
+    from big_vision_lite.decoding.engine import generate
 
     workdir, _ = cli_run
-    module, params, processor, prompt = load_paligemma_run(workdir)
+    loaded = load(workdir)  # a training workdir is a checkpoint like any other
+    assert loaded.kind == "paligemma" and loaded.source == workdir
+    module, params, cfg = loaded.module, loaded.params, loaded.config
+    processor = PaliGemmaProcessor(loaded.tokenizer, image_size=cfg.vision.image_size,
+                                   num_image_tokens=cfg.num_image_tokens)
+    prompt = read_run_info(workdir).prompt
     data = load_config(SMOKE).data
     spec = ShapesSpec(image_size=data.image_size, colours=tuple(data.colours), shapes=tuple(data.shapes))
     examples = shapes_batch(spec, "test", [0, 5])
@@ -175,7 +178,6 @@ def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):
     completions = json.loads(run.stdout)["completions"]
     assert [c["image"] for c in completions] == [str(p) for p in paths]
 
-    from big_vision_lite.generate import generate
     batch = processor([Image.open(p) for p in paths], [prompt, prompt], padding_side="left")
     expected = generate(module, params, batch["input_ids"], batch["input_mask"], 12, images=batch["pixel_values"],
                         mask_ar=batch["mask_ar"], end_ids=processor.tokenizer.eos_ids, pad_id=processor.pad_id)
@@ -196,5 +198,5 @@ def test_generate_with_images_refuses_bad_inputs(cli_run, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "fine.png")
-    with pytest.raises(ValueError, match="needs a PaliGemma model"):
+    with pytest.raises(ValueError, match=r"not a model: it holds neither config\.json .* nor model\.json"):
         generate_image_text(str(tmp_path), [str(tmp_path / "fine.png")], ["caption"])

@@ -3,10 +3,13 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 import big_vision_lite.parity as parity
 from big_vision_lite.cli import main
+from big_vision_lite.parity.decoder import greedy_batch
+from big_vision_lite.parity.report import LayerError, ParityReport, compare_stage
 
 from conftest import TINY_FAMILIES
 
@@ -26,14 +29,14 @@ def test_tiny_family_matches_transformers(tiny_checkpoints, family):
 
 def test_parity_detects_a_wrong_sliding_window(tiny_checkpoints, monkeypatch):
     """A check that cannot fail proves nothing: give our side a window one token too wide."""
-    real_load = parity.load_decoder
+    real_load = parity.load
 
     def widened(*args, **kwargs):
-        module, params, cfg = real_load(*args, **kwargs)
-        cfg = dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
-        return module.clone(configs=(cfg,)), params, cfg
+        loaded = real_load(*args, **kwargs)
+        cfg = dataclasses.replace(loaded.config, sliding_window=loaded.config.sliding_window + 1)
+        return dataclasses.replace(loaded, module=loaded.module.clone(configs=(cfg,)), config=cfg)
 
-    monkeypatch.setattr(parity, "load_decoder", widened)
+    monkeypatch.setattr(parity, "load", widened)
     report = parity.run_parity(str(tiny_checkpoints["gemma2"]), greedy_tokens=2)
     assert not report.ok and report.max_rel_err > 1e-3
     assert report.layers[0].rel_err == 0.0  # embeddings do not depend on the window
@@ -55,7 +58,12 @@ def test_cli_bfloat16_parity(tiny_checkpoints, tmp_path):
     assert main(["parity", str(tiny_checkpoints["gemma3"]), "--dtype", "bfloat16", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and 0 < report["max_rel_err"] <= report["tolerance"] == 3e-2
-    assert len(report["greedy_agree"]) == 4 and all(0 <= n <= 32 for n in report["greedy_agree"])
+    # Per row, the leading ids that agree, counted from the ids the report holds (bfloat16 rounding may part the
+    # two sides at any step, so only the count is checked, not where it ends).
+    leading = [next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(o))
+               for o, r in zip(report["greedy_ours"], report["greedy_ref"], strict=True)]
+    assert report["greedy_agree"] == leading and len(leading) == 4
+    assert report["greedy_match"] == (leading == [32] * 4)
 
 
 def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, capsys):
@@ -71,27 +79,61 @@ def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, c
 
 
 def test_greedy_batch_has_four_left_padded_lengths():
-    tokens, mask = parity.greedy_batch(96, 32)
+    tokens, mask = greedy_batch(96, 32)
     assert tokens.shape == (4, 32) and mask.sum(1).tolist() == [32, 24, 16, 8]
     assert mask[:, -1].all() and (tokens[~mask] == 0).all() and (tokens[mask] > 0).all()
 
 
 def test_report_ok_and_greedy_agreement_rules():
-    layers = [parity.LayerError("logits", 1.0, 2e-6)]
+    layers = [LayerError("logits", 1.0, 2e-6)]
     ours, ref = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]
-    report = parity.ParityReport("m", "llama", "float32", 1e-5, layers, ours, ref, {})
+    report = ParityReport("m", "llama", "float32", 1e-5, layers, ours, ref, {})
     assert report.greedy_agree == [3, 1] and not report.greedy_match and not report.ok
     report.greedy_ref = [[1, 2, 3], [4, 5, 6]]
     assert report.ok
-    report.layers = [parity.LayerError("logits", 1.0, 2e-5)]
+    report.layers = [LayerError("logits", 1.0, 2e-5)]
     assert not report.ok
     # bfloat16: near-tied greedy choices may differ, the error bound alone decides.
     bf16 = dataclasses.replace(report, dtype="bfloat16", tolerance=3e-2, greedy_ref=[[1, 2, 3], [7, 7, 7]])
     assert bf16.ok and bf16.greedy_agree == [3, 0]
     # An encoder decodes nothing: greedy fields are null and the error bound alone decides.
-    encoder = parity.ParityReport("s", "siglip", "float32", 1e-5, [parity.LayerError("loss", 0.1, 3e-6)], None, None,
+    encoder = ParityReport("s", "siglip", "float32", 1e-5, [LayerError("loss", 0.1, 3e-6)], None, None,
                                   {}, notes=["no head"])
     data = encoder.to_json()
     assert encoder.ok and data["greedy_match"] is None and data["greedy_agree"] is None and data["notes"] == ["no head"]
     assert "note: no head" in encoder.table() and "greedy" not in encoder.table()
-    assert not dataclasses.replace(encoder, layers=[parity.LayerError("loss", 0.1, 2e-5)]).ok
+    assert not dataclasses.replace(encoder, layers=[LayerError("loss", 0.1, 2e-5)]).ok
+
+
+def test_a_nan_or_inf_anywhere_fails_the_report():
+    """A NaN must never hide behind a Python `max` over finite errors (bfloat16 parity once passed on NaN logits)."""
+    ref = np.ones((2, 3))
+    nan = compare_stage("logits", np.where(np.eye(2, 3), np.nan, 1.0), ref, np.ones(2, bool))
+    assert nan.nonfinite == 2 and nan.rel_err == nan.max_abs_err == float("inf")
+    inf = compare_stage("logits", ref, np.full((2, 3), np.inf), np.ones(2, bool))
+    assert inf.nonfinite == 6 and inf.rel_err == float("inf")
+    # A non-finite value on a padding token is not compared.
+    assert compare_stage("x", np.array([[1.0], [np.nan]]), np.ones((2, 1)), np.array([True, False])).nonfinite == 0
+    layers = [LayerError("embeddings", 0.0, 0.0), nan, LayerError("final", 1e-7, 1e-7)]
+    report = ParityReport("m", "gemma", "bfloat16", 3e-2, layers, None, None, {})
+    assert report.max_rel_err == float("inf") and not report.ok
+    data = report.to_json()
+    assert data["ok"] is False and data["max_rel_err"] == "inf" and data["layers"][1]["nonfinite"] == 2
+    json.dumps(data)  # strict JSON: inf is written as a string
+    assert "2 NaN/inf values" in report.table()
+
+
+def test_parity_fails_on_nan_logits(tiny_checkpoints, monkeypatch):
+    """End to end: our side producing NaN logits makes the run fail, in bfloat16 too."""
+    real = parity.decoder._our_forward
+
+    def nan_logits(*args):
+        ours = real(*args)
+        ours["logits"] = ours["logits"].copy()
+        ours["logits"][0, -1, 0] = np.nan
+        return ours
+
+    monkeypatch.setattr(parity.decoder, "_our_forward", nan_logits)
+    report = parity.run_parity(str(tiny_checkpoints["gemma3"]), "bfloat16", greedy_tokens=2)
+    errors = {e.name: e for e in report.layers}
+    assert not report.ok and errors["logits"].nonfinite == 1 and errors["final_norm"].nonfinite == 0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from big_vision_lite.checkpoints.tokenizer import load_tokenizer
 from big_vision_lite.data.processor import EXTRA_TOKENS, PaliGemmaProcessor
-from big_vision_lite.tokenizer import load_tokenizer
 
 SIZE, N = 28, 4
 PREFIXES = ["caption en", "detect cat ; dog\n  and   more 12345 Café 日本"]

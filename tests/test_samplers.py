@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite.samplers import SamplerConfig, filtered_log_probs, sample
+from big_vision_lite.decoding.samplers import SamplerConfig, filtered_log_probs, sample
 
 LOGITS = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0], [0.0, 0.0, 3.0, 1.0, 2.5, -2.0]])
 
@@ -64,7 +64,10 @@ def test_combined_filters_and_huge_logits_stay_finite():
     log_probs = filtered_log_probs(huge, config)
     assert not np.isnan(np.asarray(log_probs)).any()
     np.testing.assert_array_equal(sample(huge, jax.random.key(0), config), [0, 2])  # the only tokens left
-    assert np.isfinite(np.asarray(sample(jnp.full((1, 5), 1e4), jax.random.key(0), config))).all()
+    flat = jnp.full((1, 5), 1e4)  # ties everywhere: top-k keeps every tie, top-p the whole uniform mass
+    np.testing.assert_allclose(filtered_log_probs(flat, config), np.log(0.2), rtol=1e-5)
+    drawn = {int(sample(flat, key, config)[0]) for key in jax.random.split(jax.random.key(3), 64)}
+    assert drawn == set(range(5))
     keys = jax.random.split(jax.random.key(1), 2)
     a = sample(LOGITS, keys[0], SamplerConfig(temperature=1.0))
     np.testing.assert_array_equal(a, sample(LOGITS, keys[0], SamplerConfig(temperature=1.0)))  # same key, same ids

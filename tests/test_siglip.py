@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from big_vision_lite.checkpoints.hf import CheckpointError
-from big_vision_lite.checkpoints.siglip import (
-    load_siglip_hf,
+from big_vision_lite.checkpoints import CheckpointError, load
+from big_vision_lite.checkpoints.hf_siglip import (
     save_siglip_hf,
     siglip_config_from_hf,
     siglip_config_to_hf,
@@ -25,9 +24,10 @@ from big_vision_lite.checkpoints.siglip import (
     siglip_params_to_hf,
 )
 from big_vision_lite.models.text import TextConfig, text_config
-from big_vision_lite.models.two_towers import build_two_towers, init_params, relayout_params
+from big_vision_lite.models.two_towers import TwoTowers, init_params, relayout_two_towers, two_towers_config
 from big_vision_lite.models.vit import VARIANTS, ViT, ViTConfig, vit_config
-from big_vision_lite.siglip_parity import run_siglip_parity, siglip_parity_batch
+from big_vision_lite.parity import run_parity
+from big_vision_lite.parity.siglip import siglip_parity_batch
 
 # Text and vision widths differ on purpose (the text head projects 48 -> 32, the vision width).
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -53,6 +53,18 @@ def build_tiny_siglip(folder: Path, use_head: bool = True, seed: int = 0) -> Pat
                 p.normal_(0.0, 0.3 if ("norm" in name or name.startswith("logit")) else 0.2)
     model.save_pretrained(folder)
     return folder
+
+
+def _load(folder, **settings):
+    """(TwoTowers, params) of an HF SiglipModel folder, through the one loader."""
+    loaded = load(folder, **settings)
+    assert loaded.kind == "siglip"
+    return loaded.module, loaded.params
+
+
+def _build(fields, **settings) -> TwoTowers:
+    """The two-tower module of a model dict (as a training config's `model` holds it)."""
+    return TwoTowers(two_towers_config(fields), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +100,7 @@ def _torch_outputs(folder: Path, images: np.ndarray, tokens: np.ndarray) -> dict
 
 @pytest.mark.parametrize("kind", ["map", "nohead"])
 def test_parity(tiny, kind):
-    report = run_siglip_parity(str(tiny[kind]))
+    report = run_parity(str(tiny[kind]))
     assert report.ok, report.table()
     assert report.tolerance == 1e-5
     data = report.to_json()
@@ -124,7 +136,7 @@ def test_hf_round_trip(tiny, kind, tmp_path):
     folder = tiny[kind]
     original = load_file(str(folder / "model.safetensors"))
     for scan in (False, True):
-        module, params = load_siglip_hf(folder, scan=scan)
+        module, params = _load(folder, scan_layers=scan)
         out_dir = save_siglip_hf(tmp_path / f"ours_{scan}", module.config, params)
         saved = load_file(str(out_dir / "model.safetensors"))
         assert sorted(saved) == sorted(original)
@@ -132,7 +144,7 @@ def test_hf_round_trip(tiny, kind, tmp_path):
             assert saved[name].dtype == tensor.dtype and np.array_equal(saved[name], tensor), name
 
     # transformers loads our folder (config.json written by us) and computes exactly what the original does.
-    module, _ = load_siglip_hf(folder)
+    module, _ = _load(folder)
     images, tokens = (np.asarray(a) for a in _batch(module))
     ref = _torch_outputs(folder, images, tokens)
     got = _torch_outputs(tmp_path / "ours_True", images, tokens)
@@ -161,13 +173,13 @@ def test_config_round_trip(tiny):
 
 
 def test_scan_matches_unrolled(tiny):
-    unrolled, params_u = load_siglip_hf(tiny["map"], scan=False)
-    scanned, params_s = load_siglip_hf(tiny["map"], scan=True)
+    unrolled, params_u = _load(tiny["map"], scan_layers=False)
+    scanned, params_s = _load(tiny["map"], scan_layers=True)
     assert "encoderblock_1" in params_u["img"]["Transformer"] and "encoderblock_0" in params_u["txt"]["Encoder_0"]
     assert params_s["img"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (2, 32)
     assert params_s["txt"]["Encoder_0"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape == (2, 48, 96)
     # Either layout converts to the other.
-    back = relayout_params(params_s, unrolled.config)
+    back = relayout_two_towers(params_s, unrolled.config, scan_layers=False)
     assert jax.tree.all(jax.tree.map(np.array_equal, back, params_u))
 
     images, tokens = _batch(unrolled)
@@ -178,7 +190,7 @@ def test_scan_matches_unrolled(tiny):
 
 
 def test_remat_same_outputs_and_gradients(tiny):
-    plain, params = load_siglip_hf(tiny["map"], scan=False)
+    plain, params = _load(tiny["map"])
     images, tokens = _batch(plain)
 
     def value_and_grad(module):
@@ -191,11 +203,11 @@ def test_remat_same_outputs_and_gradients(tiny):
 
     value_p, grads_p = value_and_grad(plain)(params)
     for scan in (False, True):  # remat inside nn.scan and around unrolled blocks are different code paths
-        remat, params_r = load_siglip_hf(tiny["map"], scan=scan, remat=True)
-        assert remat.config.image.remat and remat.config.text.remat
+        remat, params_r = _load(tiny["map"], scan_layers=scan, remat_policy="nothing_saveable")
+        assert remat.remat_policy == "nothing_saveable" and remat.scan_layers == scan
         value_r, grads_r = value_and_grad(remat)(params_r)
         np.testing.assert_allclose(value_r, value_p, rtol=1e-6)
-        grads_r = relayout_params(grads_r, plain.config)
+        grads_r = relayout_two_towers(grads_r, plain.config, scan_layers=False)
         flat_p, flat_r = jax.tree.leaves_with_path(grads_p), jax.tree.leaves(grads_r)
         for (path, gp), gr in zip(flat_p, flat_r, strict=True):
             np.testing.assert_allclose(gr, gp, rtol=1e-5, atol=1e-7, err_msg=f"{scan=} {jax.tree_util.keystr(path)}")
@@ -232,8 +244,8 @@ TINY_TRAIN = {  # the shape of the trainer's tiny model (image 32, patch 8), nar
 }
 
 
-def test_build_two_towers_from_dict():
-    module = build_two_towers(TINY_TRAIN)
+def test_two_towers_from_a_model_dict():
+    module = _build(TINY_TRAIN)
     cfg = module.config
     assert (cfg.image.patch_size, cfg.image.width, cfg.image.mlp_dim, cfg.image.head_size) == (8, 64, 128, 48)
     assert cfg.text.head_size == 48
@@ -253,10 +265,9 @@ def test_build_two_towers_from_dict():
     zimg_only, none, _ = jax.jit(module.apply)({"params": params}, images, None)
     assert none is None and zimg_only.shape == (3, 48)
 
-    bf16 = build_two_towers({**TINY_TRAIN, "dtype": "bfloat16", "scan": True, "remat": True,
-                             "temperature_init": 1.0, "bias_init": 0.0})
-    assert bf16.config.image.scan and bf16.config.text.remat and bf16.config.image.dtype == "bfloat16"
-    p16 = relayout_params(params, bf16.config)  # the same float32 params, blocks stacked for scan
+    bf16 = _build({**TINY_TRAIN, "temperature_init": 1.0, "bias_init": 0.0}, dtype="bfloat16", scan_layers=True,
+                  remat_policy="nothing_saveable")
+    p16 = relayout_two_towers(params, bf16.config, scan_layers=True)  # the same float32 params, blocks stacked
     assert p16["img"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (2, 64)
     p16 = {**p16, "t": jnp.zeros(1), "b": jnp.zeros(1)}
     zimg, _, out = jax.jit(bf16.apply)({"params": p16}, images, tokens)
@@ -266,16 +277,22 @@ def test_build_two_towers_from_dict():
     assert bf16.config.temperature_init == 1.0 and bf16.config.bias_init == 0.0
 
 
-def test_build_two_towers_errors():
+def test_two_towers_config_errors():
     with pytest.raises(ValueError, match=r"unknown model config keys \['img_size'\]"):
-        build_two_towers({**TINY_TRAIN, "img_size": 3})
+        two_towers_config({**TINY_TRAIN, "img_size": 3})
     with pytest.raises(ValueError, match=r"unknown model.text fields \['vocab'\]"):
-        build_two_towers({**TINY_TRAIN, "text": {**TINY_TRAIN["text"], "vocab": 3}})
+        two_towers_config({**TINY_TRAIN, "text": {**TINY_TRAIN["text"], "vocab": 3}})
     with pytest.raises(ValueError, match="embedding widths differ"):
-        build_two_towers({k: v for k, v in TINY_TRAIN.items() if k != "out_dim"} | {
+        two_towers_config({k: v for k, v in TINY_TRAIN.items() if k != "out_dim"} | {
             "text": {**TINY_TRAIN["text"], "head_size": 32}})
     with pytest.raises(ValueError, match="pool_type 'cls'"):
-        build_two_towers({**TINY_TRAIN, "image": {**TINY_TRAIN["image"], "pool_type": "cls"}})
+        two_towers_config({**TINY_TRAIN, "image": {**TINY_TRAIN["image"], "pool_type": "cls"}})
+    # The module settings are one vocabulary: a bad dtype or remat policy names the allowed values.
+    images, tokens = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), jnp.int32)
+    with pytest.raises(ValueError, match=r"dtype 'float16' is not one of \['bfloat16', 'float32'\]"):
+        _build(TINY_TRAIN, dtype="float16").init(jax.random.key(0), images, tokens)
+    with pytest.raises(ValueError, match=r"remat_policy .everything. is not a jax\.checkpoint_policies name"):
+        _build(TINY_TRAIN, remat_policy="everything").init(jax.random.key(0), images, tokens)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -294,7 +311,7 @@ def test_wrong_image_size():
 
 
 def test_wrong_token_length():
-    module = build_two_towers(TINY_TRAIN)
+    module = _build(TINY_TRAIN)
     with pytest.raises(ValueError, match="max_len 16"):  # raised while tracing, before any computation
         module.init(jax.random.key(0), None, jnp.zeros((2, 17), jnp.int32))
     with pytest.raises(ValueError, match="integer ids"):
@@ -310,12 +327,12 @@ def test_folder_with_wrong_tensor_shape(tiny, tmp_path):
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'text_model\.encoder\.layers\.1\.mlp\.fc1\."
                        r"weight' has shape \(95, 48\), config\.json implies \(96, 48\)"):
-        load_siglip_hf(bad)
+        load(bad)
 
     del state[name]
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight' is missing"):
-        load_siglip_hf(bad)
+        load(bad)
 
 
 def test_params_from_hf_checks_state(tiny):
@@ -328,7 +345,7 @@ def test_params_from_hf_checks_state(tiny):
     assert "MAPHead_0" not in params["img"]
     assert siglip_params_to_hf(params, cfg).keys() == state.keys()
     # A pool_type "none" tower returns tokens; TwoTowers refuses to treat them as an embedding.
-    module = build_two_towers({"image": dataclasses.asdict(cfg.image), "text": dataclasses.asdict(cfg.text)})
+    module = _build({"image": dataclasses.asdict(cfg.image), "text": dataclasses.asdict(cfg.text)})
     images, tokens = _batch(module)
     with pytest.raises(ValueError, match="pool_type 'none' yields tokens"):
         module.apply({"params": params}, images, tokens)

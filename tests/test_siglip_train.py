@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,10 +19,9 @@ from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import RESULT_FILE
 from big_vision_lite.train.metrics import METRICS_FILE, read_metrics
 from big_vision_lite.train.sharding import make_mesh, shard_batch
-from big_vision_lite.train.siglip import SiglipTask, retrieval_top1
+from big_vision_lite.train.tasks.siglip import SiglipTask, retrieval_top1
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "siglip_shapes.py")
-SMOKE = f"{CONFIG}:smoke"
+SMOKE = "siglip_shapes:smoke"
 
 
 def _bvl(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -78,11 +76,10 @@ _DUMP_PARAMS = """
 import sys, numpy as np, jax
 from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import train
-from big_vision_lite.train.siglip import SiglipTask
 from big_vision_lite.train.checkpoint import Checkpointer
 import orbax.checkpoint as ocp
 config = apply_overrides(load_config(sys.argv[1]), sys.argv[4:])
-train(config, sys.argv[2], SiglipTask, progress=False)
+train(config, sys.argv[2], progress=False)
 ckpt = Checkpointer(sys.argv[2], every=1, keep=5)
 state = ckpt.manager.restore(ckpt.steps()[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}

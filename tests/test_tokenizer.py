@@ -14,9 +14,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from big_vision_lite.checkpoints.gguf import GGUFConversionError
-from big_vision_lite.checkpoints.gguf_tokenizer import UnsupportedTokenizerError
-from big_vision_lite.tokenizer import TokenizerLoadError, load_tokenizer
+from big_vision_lite.checkpoints.gguf.reader import GGUFConversionError
+from big_vision_lite.checkpoints.gguf.tokenizer import UnsupportedTokenizerError
+from big_vision_lite.checkpoints.tokenizer import TokenizerLoadError, load_tokenizer
 
 # Plain text: the ids must match and decode(encode(text)) must give the text back.
 CORPUS = [

@@ -13,17 +13,24 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_vision_lite.train.checkpoint import CHECKPOINT_DIR, CORRUPT_DIR, Checkpointer
+from big_vision_lite.checkpoints.run import CHECKPOINT_DIR
+from big_vision_lite.train.checkpoint import CORRUPT_DIR, Checkpointer
 from big_vision_lite.train.config import ConfigError, apply_overrides, load_config
 from big_vision_lite.train.loop import NonFiniteLossError, train
 from big_vision_lite.train.metrics import METRICS_FILE, read_metrics
+from big_vision_lite.train.optimizer import make_schedule
 from big_vision_lite.train.sharding import make_mesh, spec_for
+from big_vision_lite.train.tasks import TASKS
 
 
 class ToyTask:
     """Linear regression y = x @ w_true, batches a pure function of the step (as the real pipelines are)."""
 
     eval_keys = ("eval/mse",)
+
+    @staticmethod
+    def requires(config):
+        return ()
 
     def __init__(self, config, workdir, mesh):
         self.batch_size = config.batch_size
@@ -60,9 +67,15 @@ class ToyTask:
         return {"skipped_images": 0}
 
 
+@pytest.fixture(autouse=True)
+def toy_task(monkeypatch):
+    """The toy task as a registered one: `config.task = "toy"` (a task is chosen by name, as the CLI does)."""
+    monkeypatch.setitem(TASKS, "toy", ToyTask)
+
+
 def toy_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(dict(
-        seed=0, total_steps=12, batch_size=8, log_every=2, eval_every=6, ckpt_every=4, keep_ckpts=2,
+        task="toy", seed=0, total_steps=12, batch_size=8, log_every=2, eval_every=6, ckpt_every=4, keep_ckpts=2,
         mesh=dict(data=-1, fsdp=1), sharding_rules=[(".*", "fsdp")],
         optimizer=dict(lr=0.2, warmup_steps=2, end_lr_fraction=0.1, weight_decay=1e-4, b1=0.9, b2=0.999,
                        clip_norm=1.0)))
@@ -80,7 +93,7 @@ def _params(workdir: Path) -> dict:
 
 
 def test_fresh_run_writes_metrics_checkpoints_and_plot(tmp_path):
-    result = train(toy_config(), tmp_path, ToyTask, progress=False)
+    result = train(toy_config(), tmp_path, progress=False)
     assert (result.start_step, result.final_step) == (0, 12)
     records = read_metrics(tmp_path / METRICS_FILE)
     train_steps = [r["step"] for r in records if "loss" in r]
@@ -100,11 +113,11 @@ def test_fresh_run_writes_metrics_checkpoints_and_plot(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    train(toy_config(), tmp_path / "straight", ToyTask, progress=False)
+    train(toy_config(), tmp_path / "straight", progress=False)
     interrupted = tmp_path / "resumed"
-    first = train(toy_config(), interrupted, ToyTask, stop_at=6, progress=False)
+    first = train(toy_config(), interrupted, stop_at=6, progress=False)
     assert first.final_step == 6
-    second = train(toy_config(), interrupted, ToyTask, progress=False)
+    second = train(toy_config(), interrupted, progress=False)
     assert second.start_step == 6 and second.final_step == 12
     a, b = _params(tmp_path / "straight"), _params(interrupted)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
@@ -113,23 +126,23 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path):
-    train(toy_config(), tmp_path, ToyTask, stop_at=8, progress=False)  # checkpoints at 4 and 8
+    train(toy_config(), tmp_path, stop_at=8, progress=False)  # checkpoints at 4 and 8
     latest = tmp_path / CHECKPOINT_DIR / "8" / "state"
     for f in latest.rglob("*"):
         if f.is_file() and f.name not in ("commit_success.txt",):
             f.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="cannot be restored"):
-        result = train(toy_config(), tmp_path, ToyTask, progress=False)
+        result = train(toy_config(), tmp_path, progress=False)
     assert result.start_step == 4 and result.final_step == 12
     assert (tmp_path / CORRUPT_DIR / "8").is_dir()  # set aside, not deleted
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = toy_config()
-    train(config, tmp_path, ToyTask, stop_at=4, progress=False)
+    train(config, tmp_path, stop_at=4, progress=False)
     config.optimizer.lr = 1e38  # the first update overflows the weights
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping. Last good checkpoint: .*4"):
-        train(config, tmp_path, ToyTask, progress=False)
+        train(config, tmp_path, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kept checkpoint restores cleanly
         params = _params(tmp_path)
@@ -165,11 +178,19 @@ def test_config_file_and_overrides(tmp_path):
 
 def test_bad_loop_settings_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"config.batch_size must be an int >= 1, got 0"):
-        train(toy_config(batch_size=0), tmp_path, ToyTask, progress=False)
-    with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be in \[0, total_steps=12\), got 50"):
-        config = toy_config()
-        config.optimizer.warmup_steps = 50
-        train(config, tmp_path, ToyTask, progress=False)
+        train(toy_config(batch_size=0), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"optimizer.warmup_steps must be an int >= 0, got -1"):
+        train(toy_config(optimizer=dict(toy_config().optimizer, warmup_steps=-1)), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"config.task must be one of: siglip, paligemma, toy; got 'toi'"):
+        train(toy_config(task="toi"), tmp_path, progress=False)
+    # A warmup longer than a short run is cut to end before its last step, with a warning saying so.
+    config = toy_config(total_steps=3)
+    config.optimizer.warmup_steps = 50
+    with pytest.warns(UserWarning, match="warmup_steps 50 >= total_steps 3: the learning rate warms up over the "
+                                         "first 2 steps"):
+        train(config, tmp_path / "short", progress=False)
+    lr = [float(make_schedule(config.optimizer, 3)(step)) for step in range(3)]
+    assert lr == pytest.approx([0.0, 0.1, 0.2])
     with pytest.raises(ValueError, match=r"mesh.fsdp=3 must be >= 1 and divide"):
         make_mesh(fsdp=3)
 
@@ -187,7 +208,7 @@ def test_trainable_patterns_freeze_the_rest_without_optimizer_state(tmp_path):
     """Only `dense/bias` trains: the kernel keeps its initial value and has no Adam moments in the checkpoint."""
     workdir = tmp_path / "frozen"
     config = toy_config(total_steps=4, trainable=["dense/bias"])
-    train(config, workdir, ToyTask, progress=False)
+    train(config, workdir, progress=False)
     initial = ToyTask(config, workdir, None).init_params(jax.random.split(jax.random.PRNGKey(0))[0])
     params = _params(workdir)
     # Equal up to the last bit XLA's jitted init may round differently; one update would move it by ~lr = 0.2.
@@ -209,4 +230,4 @@ def test_trainable_patterns_freeze_the_rest_without_optimizer_state(tmp_path):
 ])
 def test_bad_trainable_patterns_are_refused(tmp_path, patterns, message):
     with pytest.raises(ValueError, match=message):
-        train(toy_config(trainable=patterns), tmp_path / "bad", ToyTask, progress=False)
+        train(toy_config(trainable=patterns), tmp_path / "bad", progress=False)

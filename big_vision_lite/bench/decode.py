@@ -4,11 +4,12 @@ What is timed, per batch size B: greedy generation of `new_tokens` ids after a p
 deterministic random ids per row (no padding, no end ids: every side produces exactly `new_tokens` ids per row),
 from the token ids in host memory to the generated ids in host memory. tokens/s = B * new_tokens / seconds.
 
-- Ours (`ours`): `generate(module, params, tokens, mask, new_tokens)`: the prefill, then the jitted `lax.while_loop`
-  over the fixed-capacity cache, up to the ids as a numpy array. The first call compiles; the JAX tracing,
-  lowering and XLA compilation it does (the union of the spans JAX reports through `jax.monitoring`) is
-  `compile_s`. Should a later, timed call compile again, that span is measured the same way and subtracted from
-  its time (reported as `recompile_s`, and the table warns), so compilation is never counted as generation.
+- Ours (`ours`): `decoding.engine.generate(module, params, tokens, mask, new_tokens)`: the prefill, then the
+  jitted `lax.while_loop` over the fixed-capacity cache, up to the ids as a numpy array. The first call compiles;
+  the JAX tracing, lowering and XLA compilation it does (the union of the spans JAX reports through
+  `jax.monitoring`) is `compile_s`. Should a later, timed call compile again, that span is measured the same way
+  and subtracted from its time (reported as `recompile_s`, and the table warns), so compilation is never counted
+  as generation.
 - `ours_1`: the same call with `new_tokens=1` (prefill and one loop step), so our per-step decode time is
   `(ours - ours_1) / (new_tokens - 1)` and our prefill about `ours_1 - step`.
 - transformers `generate` (`generate_<attn>`): `model.generate(input_ids, attention_mask, max_new_tokens=N,
@@ -17,15 +18,16 @@ from the token ids in host memory to the generated ids in host memory. tokens/s 
   prefill forward, then one-token forwards with explicit `cache_position` / `position_ids` and argmax; its
   prefill and mean per-step times are recorded inside the loop.
 
-Both PyTorch sides load the same HF folder as ours (a packaged name resolves to its converted folder) with
-`attn_implementation` from `attn_implementations` (sdpa by default: on the 2-core AVX-512 CPU it was as fast as
-eager at batch 1 and faster at batch 8) and torch using every CPU core. torch.compile is not used: with
+Both PyTorch sides load the same HF folder as ours (`harness.load_both_sides`) with `attn_implementation` from
+`attn_implementations` (sdpa by default: on the 2-core AVX-512 CPU it was as fast as eager at batch 1 and faster
+at batch 8) and torch using every CPU core. torch.compile is not used: with
 transformers 5.23 the StaticCache's Python-int length is guarded on, so it recompiles (~20 s) at every step.
 
 Each side first makes one untimed call whose ids are compared (`tokens_match`: ours equal transformers `generate`
 exactly; `agree_prefix`: per row, how many leading ids agree), then `warmup` more untimed calls. Then `repeats`
-rounds run the sides in turn, rotating the order each round; medians are reported. `speedup` = our tokens/s over
-the best PyTorch side's. The share of the CPUs other processes took while timing is recorded too.
+rounds run the sides in turn, rotating the order each round (`harness.interleaved_times`); medians are reported.
+`speedup` = our tokens/s over the best PyTorch side's. The share of the CPUs other processes took while timing is
+recorded too.
 
 The memory-bandwidth floor: per decode step every weight must be read once (a tied embedding in full, for the
 logits; the input-embedding lookup reads B rows) plus the KV cache at the mean cache length prompt_len +
@@ -49,21 +51,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.bench.forward import (
-    BUSY_WARNING,
-    background_cpu,
+from big_vision_lite.bench.harness import (
     bench_tokens,
+    busy_cell,
+    busy_warning,
     cpu_count,
-    cpu_counters,
     environment,
     interleaved_times,
     load_both_sides,
     loadavg,
     peak_rss_gib,
+    timed_interleaved,
+    torch_num_threads,
 )
-from big_vision_lite.generate import generate
+from big_vision_lite.decoding.engine import generate
 from big_vision_lite.models.gemma import DecoderConfig
-from big_vision_lite.timing import CompileSpans
+from big_vision_lite.utils.timing import CompileSpans
 
 TARGET_SPEEDUP = {1: 1.5, 8: 2.0}  # ours / best PyTorch tokens/s, per batch size
 TARGET_BANDWIDTH_FRACTION = 0.6  # at batch 1: floor_step_ms / our step time
@@ -197,7 +200,7 @@ def run_decode_bench(
 ) -> dict[str, Any]:
     """Times greedy decoding of `model` (packaged name or HF folder) on every side; see the module docstring.
 
-    `scan_layers` configures our side (a `load_decoder` option). `attn_implementations` lists the transformers
+    `scan_layers` configures our side (a `checkpoints.load` option). `attn_implementations` lists the transformers
     attention kernels to run (each gives a `generate_<attn>` and a `static_<attn>` side). `torch_threads` defaults
     to every CPU this process may use; torch's previous setting is restored afterwards. `bandwidth_gib` sizes the
     bandwidth probe's array (0 skips the probe: no floor is reported).
@@ -211,8 +214,6 @@ def run_decode_bench(
     `static_prefill_ms`, `bytes_per_step`, `floor_step_ms`, `bandwidth_fraction`, `tokens_match`, `agree_prefix`,
     `torch_sides_agree`, `background_cpu` and `times_s` (every timed call).
     """
-    import torch
-
     if prompt_len < 1 or new_tokens < 2 or repeats < 1 or warmup < 0 or not batches or min(batches) < 1:
         raise ValueError(f"need prompt_len >= 1, new_tokens >= 2, repeats >= 1, warmup >= 0 and batch sizes >= 1; "
                          f"got prompt_len={prompt_len}, new_tokens={new_tokens}, repeats={repeats}, "
@@ -221,11 +222,10 @@ def run_decode_bench(
         raise ValueError("attn_implementations is empty: name at least one of 'sdpa', 'eager'")
     loadavg_start = loadavg()
     threads = torch_threads or cpu_count()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_num_threads(threads):
         bandwidth = [measure_bandwidth(bandwidth_gib, bandwidth_repeats)] if bandwidth_gib > 0 else []
-        module, params, cfg, refs, load_s = load_both_sides(model, dtype, scan_layers, attn_implementations)
+        loaded, refs, load_s = load_both_sides(model, dtype, scan_layers, attn_implementations)
+        module, params, cfg = loaded.module, loaded.params, loaded.config
         pad_id = 0
         configs = {impl: _generation_config(ref, new_tokens, pad_id) for impl, ref in refs.items()}
         cache_length = mean_cache_length(prompt_len, new_tokens)
@@ -266,9 +266,10 @@ def run_decode_bench(
             "mean_cache_length": cache_length,
             "targets": {"speedup": {f"b{b}": t for b, t in TARGET_SPEEDUP.items()},
                         "bandwidth_fraction_b1": TARGET_BANDWIDTH_FRACTION},
-            "ours": {"scan_layers": scan_layers, "api": "big_vision_lite.generate.generate (greedy, no end ids)"},
+            "ours": {"scan_layers": scan_layers,
+                     "api": "big_vision_lite.decoding.engine.generate (greedy, no end ids)"},
             "torch": {"attn_implementations": list(attn_implementations), "compile": False},
-            "env": environment(threads, {}) | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+            "env": environment(loadavg_start=loadavg_start, torch_threads=threads),
             "load_s": {k: round(v, 3) for k, v in load_s.items()},
             "bandwidth": bandwidth,
             "peak_rss_gib": peak_rss_gib(),
@@ -276,11 +277,9 @@ def run_decode_bench(
         }
         result["targets_met"] = _targets_met(rows)
         result["ok"] = all(result["targets_met"].values()) and (tokens_match or dtype != "float32")
-        del module, params, refs
+        del loaded, module, params, refs
         gc.collect()
         return result
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _bench_batch(module: Any, params: Any, cfg: DecoderConfig, refs: dict[str, Any], configs: dict[str, Any],
@@ -317,9 +316,7 @@ def _bench_batch(module: Any, params: Any, cfg: DecoderConfig, refs: dict[str, A
     for values in (*recompile.values(), *static_stats.values()):
         values.clear()
 
-    counters = cpu_counters()
-    times = interleaved_times(fns, repeats)
-    background = background_cpu(counters)
+    times, background = timed_interleaved(fns, repeats)
 
     net = {name: [t - c for t, c in zip(times[name], recompile[name], strict=True)] for name in recompile}
     seconds = {name: _median(net.get(name, ts)) for name, ts in times.items()}
@@ -392,12 +389,12 @@ def format_decode_table(result: dict[str, Any]) -> str:
     ]
     for row in result["batches"]:
         tps = row["tokens_per_s"]
-        busy = "n/a" if row.get("background_cpu") is None else f"{row['background_cpu']:.0%}"
         lines.append(
             f"{row['batch']:>5} {row['compile_s']:>9.2f} {tps['ours']:>8.1f} "
             + " ".join(f"{tps[n]:>14.1f}" for n in side_names)
             + f" {row['speedup']:>7.3f} {_fmt(row['ours_step_ms'], 8, 2)} {_fmt(row['floor_step_ms'], 8, 2)} "
-            f"{_fmt(row['bandwidth_fraction'], 7, 3)} {'yes' if row['tokens_match'] else 'no':>5} {busy:>5}"
+            f"{_fmt(row['bandwidth_fraction'], 7, 3)} {'yes' if row['tokens_match'] else 'no':>5} "
+            f"{busy_cell(row.get('background_cpu')):>5}"
         )
     lines.append("tokens/s per side; speedup = ours / best PyTorch side; step_ms = our decode step "
                  "((ours - ours_1) / (new_tokens - 1)); floor_ms = bytes per step / bandwidth; bw_frac = floor / step")
@@ -413,10 +410,8 @@ def format_decode_table(result: dict[str, Any]) -> str:
         lines.append("warning: generate() compiled again inside timed calls ("
                      + ", ".join(f"batch {row['batch']}: {row['recompile_s']:.2f} s/call" for row in recompiled)
                      + "); that time is subtracted from ours, but it is a real per-call cost of generate() today")
-    busiest = max(row.get("background_cpu") or 0.0 for row in result["batches"])
-    if busiest > BUSY_WARNING:
-        lines.append(f"warning: other processes used up to {busiest:.0%} of the CPUs while timing; the figures are "
-                     "noisy: rerun on a quiet machine")
+    if warning := busy_warning((row.get("background_cpu") for row in result["batches"]), "the figures are noisy"):
+        lines.append(warning)
     return "\n".join(lines)
 
 

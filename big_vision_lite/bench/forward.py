@@ -3,26 +3,25 @@
 What is timed, per batch size B: one prefill forward of B rows of `seq_len` deterministic random token ids (no
 padding) that returns the last token's logits [B, 1, V] in float32.
 
-- Ours: `Decoder.apply(..., last_logits_only=True)` under `jax.jit`, compiled ahead of time with
+- Ours: `decoding.engine.prefill(..., last_logits_only=True)` (the positions and the causal mask built from an
+  all-true input mask inside the call) under `jax.jit`, compiled ahead of time with
   `jax.jit(f).lower(...).compile(compiler_options)`; each call waits on `block_until_ready`. Tracing/lowering and
   XLA compilation are timed separately (`lower_s`, `compile_s`) and never counted in the forward time.
-- PyTorch: the transformers model loaded from the same HF folder (a packaged name resolves to its converted
-  folder, so both sides read the very same tensors), once with `attn_implementation="eager"` and once with
+- PyTorch: the transformers model loaded from the same HF folder (`harness.load_both_sides`: a packaged name
+  resolves to its converted folder, so both sides read the very same tensors), once with
+  `attn_implementation="eager"` and once with
   `"sdpa"`, called as `model(input_ids, use_cache=False, logits_to_keep=1)` under `torch.inference_mode()` with
   torch using every CPU core.
 
 Each side first makes one untimed call whose logits are compared (max |ours - ref|, relative L2 error, argmax),
-then `warmup` more untimed calls. Then `repeats` rounds run the three sides in turn, rotating the order each round,
-so background load on a shared machine hits all of them alike. Reported per batch: the median ms of each side,
-`ratio = ours / min(eager, sdpa)`, and overall `ok` = every ratio <= `TARGET_RATIO`. The share of the CPUs other
-processes took while timing is recorded too: on a 2-core machine a busy neighbour slows torch's OpenMP threads far
-more than XLA's thread pool, so only runs on a quiet machine give fair ratios.
+then `warmup` more untimed calls. Then `repeats` rounds run the three sides in turn, rotating the order each round
+(`harness.interleaved_times`). Reported per batch: the median ms of each side, `ratio = ours / min(eager, sdpa)`,
+and overall `ok` = every ratio <= `TARGET_RATIO`; also the share of the CPUs other processes took while timing
+(`harness.background_cpu`: only runs on a quiet machine give fair ratios).
 """
 
 import functools
 import gc
-import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,14 +30,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.checkpoints import load_decoder
-from big_vision_lite.checkpoints.packaged import resolve_model_path
-from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
-from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, load_reference
+from big_vision_lite.bench.harness import (
+    bench_tokens,
+    busy_cell,
+    busy_warning,
+    cpu_count,
+    environment,
+    load_both_sides,
+    loadavg,
+    median_ms,
+    peak_rss_gib,
+    timed_interleaved,
+    times_ms,
+    torch_num_threads,
+)
+from big_vision_lite.decoding.engine import prefill
+from big_vision_lite.parity.report import default_tolerance
 
 TARGET_RATIO = 0.8  # ours must take at most this fraction of the faster PyTorch path's time
 TORCH_IMPLS = ("eager", "sdpa")
-BUSY_WARNING = 0.05  # the table warns when other processes used more than this fraction of the CPUs while timing
 
 # Our configuration, tuned on the 2-core AVX-512 CPU (gemma3-270m, float32, 512 tokens; both are arguments of
 # `run_forward_bench`). Unrolled layers and scanned ones ran within noise of each other (unrolled ~4% faster at
@@ -49,35 +59,9 @@ DEFAULT_SCAN_LAYERS = False
 DEFAULT_COMPILER_OPTIONS: dict[str, Any] = {}
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def bench_tokens(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
-    """Deterministic token ids [B, T] int32 in [1, vocab_size) (0 is left out: it is the pad id of most models)."""
-    return np.random.default_rng(seed).integers(1, vocab_size, size=(batch, seq_len), dtype=np.int32)
-
-
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function over `repeats` rounds; round r starts at the r-th function (rotation)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def prefill_logits(module: Any, params: Any, tokens: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """Our timed function: the last token's logits [B, 1, V] of a prefill without a cache."""
-    return module.apply({"params": params}, tokens, positions, mask, None, last_logits_only=True)[0]
+def prefill_logits(module: Any, params: Any, tokens: jax.Array, input_mask: jax.Array) -> jax.Array:
+    """Our timed function: the last token's logits [B, 1, V] of a prefill without a cache (`engine.prefill`)."""
+    return prefill(module, params, tokens, input_mask, last_logits_only=True)[0]
 
 
 def _jax_forward(compiled: Any, args: tuple) -> jax.Array:
@@ -101,84 +85,6 @@ def _logit_agreement(ours: np.ndarray, ref: np.ndarray, tolerance: float) -> dic
             "agree": rel <= tolerance}
 
 
-def loadavg() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (None where the OS has none): other work skews every timing."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def cpu_counters() -> tuple[float, float, float] | None:
-    """(machine busy CPU-seconds, this process's CPU-seconds, wall seconds); None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    own = os.times()
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
-
-
-def background_cpu(start: tuple[float, float, float] | None) -> float | None:
-    """Fraction of the machine's CPU time other processes used since `start` (0: quiet, 1: every core busy)."""
-    end = cpu_counters()
-    if start is None or end is None or end[2] <= start[2]:
-        return None
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return round(min(max(others / ((end[2] - start[2]) * (os.cpu_count() or 1)), 0.0), 1.0), 3)
-
-
-def peak_rss_gib() -> float | None:
-    """This process's peak resident memory so far, in GiB (None where `resource` is missing)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return round(kib / 2**20, 2)
-
-
-def environment(torch_threads: int, compiler_options: Mapping[str, Any]) -> dict[str, Any]:
-    import jaxlib
-    import torch
-    import transformers
-
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "jax_backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": dict(compiler_options),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_num_threads": torch_threads,
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
-def load_both_sides(model: str, dtype: str, scan_layers: bool,
-                    attn_implementations: Sequence[str]) -> tuple[Any, Any, Any, dict[str, Any], dict[str, float]]:
-    """Our (module, params, cfg) and a transformers model per attention implementation, all read from the same HF
-    folder (a packaged name resolves to its converted folder), with the seconds each load took."""
-    path = str(resolve_model_path(str(model)))
-    load_s: dict[str, float] = {}
-    t0 = time.perf_counter()
-    module, params, cfg = load_decoder(path, dtype, scan_layers=scan_layers)
-    jax.block_until_ready(params)
-    load_s["ours"] = time.perf_counter() - t0
-    refs = {}
-    for impl in attn_implementations:
-        t0 = time.perf_counter()
-        refs[impl] = load_reference(path, dtype, attn_implementation=impl)
-        load_s[impl] = time.perf_counter() - t0
-    return module, params, cfg, refs, load_s
-
-
 def run_forward_bench(
     model: str,
     *,
@@ -194,16 +100,17 @@ def run_forward_bench(
 ) -> dict[str, Any]:
     """Times the prefill forward of `model` (packaged name or HF folder) on both sides; see the module docstring.
 
-    Our side's configuration: `scan_layers` (a `load_decoder` option: `nn.scan` over a stacked layer axis, or an
+    Our side's configuration: `scan_layers` (a `checkpoints.load` option: `nn.scan` over a stacked layer axis, or an
     unrolled Python loop) and `compiler_options` (XLA debug options passed to `.compile()`, e.g.
     `{"xla_cpu_experimental_ynn_fusion_type": ""}`; None means `DEFAULT_COMPILER_OPTIONS`). `torch_threads`
     defaults to every CPU this process may use; torch's previous setting is restored afterwards.
 
-    Returns a JSON-serialisable dict: `model`, `dtype`, `seq_len`, `repeats`, `warmup`, `target_ratio`, `ours`
-    (its configuration), `env`, `load_s`, `batches` (one entry per batch size: `batch`, `lower_s`, `compile_s`,
-    `ours_ms`, `eager_ms`, `sdpa_ms` (medians), `ratio`, `ok`, `background_cpu` (the fraction of the machine's CPU
-    time other processes took while timing), `times_ms` (every timed call), `logits` (per torch implementation:
-    `max_abs_diff`, `rel_err`, `argmax_match`, `agree`)), `peak_rss_gib`, `logits_agree` and `ok`.
+    Returns a JSON-serialisable dict (`harness.report`'s contract): `benchmark`, `model`, `dtype`, `seq_len`,
+    `repeats`, `warmup`, `target_ratio`, `ours` (its configuration), `env`, `load_s`, `batches` (one entry per
+    batch size: `batch`, `lower_s`, `compile_s`, `ours_ms`, `eager_ms`, `sdpa_ms` (medians), `ratio`, `ok`,
+    `background_cpu` (the fraction of the machine's CPU time other processes took while timing), `times_ms` (every
+    timed call), `logits` (per torch implementation: `max_abs_diff`, `rel_err`, `argmax_match`, `agree`)),
+    `peak_rss_gib`, `logits_agree` and `ok`.
     """
     import torch
 
@@ -213,20 +120,18 @@ def run_forward_bench(
     options = dict(DEFAULT_COMPILER_OPTIONS if compiler_options is None else compiler_options)
     loadavg_start = loadavg()
     threads = torch_threads or cpu_count()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        module, params, cfg, refs, load_s = load_both_sides(model, dtype, scan_layers, TORCH_IMPLS)
+    with torch_num_threads(threads):
+        loaded, refs, load_s = load_both_sides(model, dtype, scan_layers, TORCH_IMPLS)
+        module, params, cfg = loaded.module, loaded.params, loaded.config
 
         n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-        tolerance = TOLERANCES[(dtype, "tiny" if n_params < TINY_PARAMS else "real")]
+        tolerance = default_tolerance(params, dtype)
         forward = jax.jit(functools.partial(prefill_logits, module))
 
         rows = []
         for batch in batches:
             tokens = bench_tokens(cfg.vocab_size, batch, seq_len, seed)
-            mask = jnp.ones((batch, seq_len), bool)
-            args = (params, jnp.asarray(tokens), positions_from_mask(mask), prefill_mask(mask))
+            args = (params, jnp.asarray(tokens), jnp.ones((batch, seq_len), bool))
             t0 = time.perf_counter()
             lowered = forward.lower(*args)
             lower_s = time.perf_counter() - t0
@@ -244,10 +149,8 @@ def run_forward_bench(
             for fn in fns.values():
                 for _ in range(warmup):
                     fn()
-            counters = cpu_counters()
-            times = interleaved_times(fns, repeats)
-            background = background_cpu(counters)
-            medians = {name: round(float(np.median(ts)) * 1e3, 3) for name, ts in times.items()}
+            times, background = timed_interleaved(fns, repeats)
+            medians = {name: median_ms(ts) for name, ts in times.items()}
             ratio = round(medians["ours"] / min(medians[impl] for impl in TORCH_IMPLS), 4)
             rows.append({
                 "batch": batch,
@@ -257,7 +160,7 @@ def run_forward_bench(
                 "ratio": ratio,
                 "ok": ratio <= TARGET_RATIO,
                 "background_cpu": background,
-                "times_ms": {name: [round(t * 1e3, 3) for t in ts] for name, ts in times.items()},
+                "times_ms": {name: times_ms(ts) for name, ts in times.items()},
                 "logits": logits,
             })
             del compiled, lowered, args, fns, ours_logits
@@ -275,7 +178,7 @@ def run_forward_bench(
             "target_ratio": TARGET_RATIO,
             "ours": {"scan_layers": scan_layers, "compiler_options": options, "jit": "jax.jit + lower().compile()",
                      "last_logits_only": True},
-            "env": environment(threads, options) | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+            "env": environment(loadavg_start=loadavg_start, torch_threads=threads, compiler_options=options),
             "load_s": {k: round(v, 3) for k, v in load_s.items()},
             "logit_tolerance": tolerance,
             "peak_rss_gib": peak_rss_gib(),
@@ -283,11 +186,9 @@ def run_forward_bench(
             "logits_agree": all(v["agree"] for row in rows for v in row["logits"].values()),
             "ok": all(row["ok"] for row in rows),
         }
-        del module, params, refs
+        del loaded, module, params, refs
         gc.collect()
         return result
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def format_forward_table(result: dict[str, Any]) -> str:
@@ -305,17 +206,15 @@ def format_forward_table(result: dict[str, Any]) -> str:
     for row in result["batches"]:
         diffs = " / ".join(f"{row['logits'][impl]['max_abs_diff']:.2e}" for impl in TORCH_IMPLS)
         agree = all(v["agree"] for v in row["logits"].values())
-        busy = "n/a" if row.get("background_cpu") is None else f"{row['background_cpu']:.0%}"
         lines.append(
             f"{row['batch']:>5} {row['compile_s']:>9.2f} {row['ours_ms']:>9.1f} {row['eager_ms']:>9.1f} "
-            f"{row['sdpa_ms']:>9.1f} {row['ratio']:>6.3f} {'yes' if row['ok'] else 'no':>3} {busy:>5}   "
-            f"{diffs} ({agree})"
+            f"{row['sdpa_ms']:>9.1f} {row['ratio']:>6.3f} {'yes' if row['ok'] else 'no':>3} "
+            f"{busy_cell(row.get('background_cpu')):>5}   {diffs} ({agree})"
         )
     lines.append(f"ratio = ours / min(eager, sdpa); target <= {result['target_ratio']}: "
                  f"{'met' if result['ok'] else 'NOT met'}; logits agree: {result['logits_agree']}; busy = CPU share "
                  f"other processes took while timing; compile_s = our XLA compile, not in ours_ms")
-    busiest = max(row.get("background_cpu") or 0.0 for row in result["batches"])
-    if busiest > BUSY_WARNING:
-        lines.append(f"warning: other processes used up to {busiest:.0%} of the CPUs while timing; they slow torch's "
-                     "OpenMP threads more than XLA's, so the ratios may read low: rerun on a quiet machine")
+    if warning := busy_warning((row.get("background_cpu") for row in result["batches"]),
+                               "they slow torch's OpenMP threads more than XLA's, so the ratios may read low"):
+        lines.append(warning)
     return "\n".join(lines)

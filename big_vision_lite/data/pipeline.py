@@ -38,9 +38,9 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageOps
 
+from big_vision_lite.checkpoints.tokenizer import Tokenizer
 from big_vision_lite.data.shapes import hash_uniform, splitmix64
 from big_vision_lite.data.text import tokenize_fixed
-from big_vision_lite.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 _MAX_STEPS = 2**40  # the train stream's end: "never" for a run, small enough that step * B fits in int64

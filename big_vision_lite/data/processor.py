@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from big_vision_lite.tokenizer import Tokenizer, load_tokenizer
+from big_vision_lite.checkpoints.tokenizer import Tokenizer, load_tokenizer
 
 IMAGE_TOKEN = "<image>"
 # PaliGemma's detection (box corner) and segmentation (mask code) tokens, as transformers adds them.

@@ -1,7 +1,7 @@
 """Caption tokenizer: a SentencePiece BPE model trained on the captions, and fixed-length token id arrays.
 
 `train_caption_tokenizer` writes `out_dir/tokenizer.model` (SentencePiece) and `out_dir/tokenizer_config.json`
-(which names the special tokens), so `big_vision_lite.tokenizer.load_tokenizer(out_dir)` loads it back with the
+(which names the special tokens), so `checkpoints.tokenizer.load_tokenizer(out_dir)` loads it back with the
 same ids. Fixed ids: pad 0, eos 1, bos 2, unk 3 (pad 0 as big_vision's SigLIP text tower expects).
 
 `tokenize_fixed` gives int32 [B, L]: each text's ids (no BOS), then EOS, truncated to L (EOS kept last) and
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-from big_vision_lite.checkpoints.atomic import write_bytes_atomic
-from big_vision_lite.tokenizer import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer
+from big_vision_lite.checkpoints.tokenizer import SENTENCEPIECE_FILE, Tokenizer, load_tokenizer
+from big_vision_lite.utils.atomic import write_bytes_atomic
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}

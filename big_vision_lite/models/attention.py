@@ -1,11 +1,12 @@
-"""Mixture-of-experts multi-head attention (the openpi layout), rotary embeddings and attention masks.
+"""Mixture-of-experts multi-head attention (the openpi layout) and rotary embeddings.
 
 Axis letters: B batch, T query tokens, S key tokens, D width, N query heads, K kv heads, G = N / K query heads
 per kv head, H head dim.
 
 Each expert has its own projections and width D_i but all experts share N, K and H, so their tokens can be
-concatenated and attend to each other in one softmax. Masks are boolean `[B, T, S]` (True = may attend) until
-the logits are masked with `BIG_NEG`.
+concatenated and attend to each other in one softmax. Masks (`masks.py`) are boolean `[B, T, S]`, or `[B, K, T, S]`
+per kv head, until the logits are masked with `BIG_NEG`. A cache of any kind (`cache.py`) comes in as one layer's
+`LayerKV`, which decides where the new keys and values are written.
 """
 
 from collections.abc import Sequence
@@ -17,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models.cache import LayerKV
 from big_vision_lite.models.layers import RMSNorm
 from big_vision_lite.models.lora import Einsum
 
 # The most negative finite value openpi and gemma use; softmax turns it into exactly zero weight.
 BIG_NEG = -2.3819763e38
-
-KVCache = tuple[jax.Array, jax.Array]  # (k, v), each [B, S, K, H]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scale: float = 1.0) -> np.ndarray:
@@ -41,30 +41,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-def causal_mask(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """[B, T, S]: a query sees valid keys at the same or earlier positions."""
-    return (key_positions[:, None, :] <= query_positions[:, :, None]) & key_valid[:, None, :]
-
-
-def window_mask(query_positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
-    """[B, T, S]: keys fewer than `window` positions behind the query (the query itself included)."""
-    return query_positions[:, :, None] - key_positions[:, None, :] < window
-
-
-def mutual_mask(attn_mask: jax.Array, key_offset: int | jax.Array) -> jax.Array:
-    """[B, T, S]: pairs of this call's tokens that see each other, i.e. a bidirectional block such as PaliGemma's
-    image + prefix. The call's T tokens are keys `key_offset .. key_offset + T - 1` of `attn_mask` [B, T, S].
-
-    Sliding layers OR this onto the window, as transformers' blockwise overlay does: a prefix longer than the
-    window (PaliGemma 2 at 896 pixels: 4096 image tokens) stays fully bidirectional. Keys from earlier calls are
-    never in the block, which holds for a prefix that is prefilled in one call.
-    """
-    t = attn_mask.shape[1]
-    new = jax.lax.dynamic_slice_in_dim(attn_mask, key_offset, t, axis=2)  # [B, T, T]: query i, new token j
-    mutual = new & jnp.swapaxes(new, 1, 2)
-    return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(attn_mask), mutual, key_offset, axis=2)
-
-
 def _name(base: str, expert: int) -> str:
     # Expert 0 carries no suffix so a single-expert checkpoint loads unchanged.
     return base if expert == 0 else f"{base}_{expert}"
@@ -75,14 +51,10 @@ class Attention(nn.Module):
 
     `configs[i]` describes expert i (width, num_heads, num_kv_heads, head_dim, qk_norm, norm settings, lora,
     query_scale, attn_logit_softcap). Call with `xs` (one [B, T_i, D_i] array or None per expert), positions
-    [B, T] and attn_mask [B, T, S] for the concatenated tokens, inv_freq [H/2] of this layer's RoPE, and an
-    optional concatenation cache `(k, v)`. Returns the per-expert outputs (None where the input was None), the
-    grown `(k, v)`, and the probabilities [B, N, T, S] when `return_probs` (else None).
-
-    With `cache_index` the cache is fixed-capacity instead: the new keys and values are written at slots
-    `cache_index ... cache_index + T - 1` of the preallocated `(k, v)` [B, S, K, H] and S never changes. A
-    `cache_index` of shape [B, K] (one new token, T = 1) names a slot per row and kv head instead: what an
-    evicting cache uses, whose rows and heads free different slots. Its mask is then per kv head, [B, K, T, S].
+    [B, T] and attn_mask [B, T, S] (or [B, K, T, S]) for the concatenated tokens, inv_freq [H/2] of this layer's
+    RoPE, and optionally this layer's cache `kv`. Returns the per-expert outputs (None where the input was None),
+    the keys and values attended to ([B, S, K, H] each: the new ones alone without a cache), and the
+    probabilities [B, N, T, S] when `return_probs` (else None).
     """
 
     configs: Sequence[Any]
@@ -97,9 +69,8 @@ class Attention(nn.Module):
         positions: jax.Array,
         attn_mask: jax.Array,
         inv_freq: jax.Array,
-        kv_cache: KVCache | None = None,
-        cache_index: jax.Array | None = None,
-    ) -> tuple[list[jax.Array | None], KVCache, jax.Array | None]:
+        kv: LayerKV | None = None,
+    ) -> tuple[list[jax.Array | None], tuple[jax.Array, jax.Array], jax.Array | None]:
         first = self.configs[0]
         # Tokens of all experts share one softmax, so their heads must line up exactly.
         for attr in ("num_heads", "num_kv_heads", "head_dim", "query_scale", "attn_logit_softcap"):
@@ -134,21 +105,8 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
         q = q * jnp.asarray(first.query_scale, q.dtype)
 
-        if kv_cache is not None and cache_index is None:
-            cache_k, cache_v = kv_cache
-            k = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)  # [B, S, K, H]
-            v = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-        elif kv_cache is not None and jnp.ndim(cache_index) == 2:
-            cache_k, cache_v = kv_cache
-            assert k.shape[1] == 1, f"per-head slots take one new token at a time, got {k.shape[1]}"
-            rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-            heads = jnp.arange(num_kv_heads)[None, :]  # [1, K]
-            k = cache_k.at[rows, cache_index, heads].set(k[:, 0].astype(cache_k.dtype))  # [B, S, K, H]
-            v = cache_v.at[rows, cache_index, heads].set(v[:, 0].astype(cache_v.dtype))
-        elif kv_cache is not None:
-            cache_k, cache_v = kv_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))  # [B, S, K, H]
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+        if kv is not None:
+            k, v = kv.append(k, v)  # [B, S, K, H]
 
         q = einops.rearrange(q, "B T (K G) H -> B T K G H", K=num_kv_heads)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)

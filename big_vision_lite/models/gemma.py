@@ -12,7 +12,7 @@ Parameters (single expert): `embedder/input_embedding` [V, D] (and `embedder/out
 `layers/attn/{q_einsum, kv_einsum | qkv_einsum, attn_vec_einsum}/w`, `layers/attn/{query,key}_norm/scale`,
 `layers/mlp/{gating_einsum [2, D, F], linear [F, D]}`, `final_norm/scale`. With `scan_layers` the layer params
 are stacked under `layers` with a leading L axis; without, they live in `layers_0 ... layers_{L-1}`
-(`stack_layers` / `unstack_layers` convert). Expert i > 0 adds `_i` suffixes (`mlp_1`, `attn/q_einsum_1`, ...).
+(`relayout_layers` converts). Expert i > 0 adds `_i` suffixes (`mlp_1`, `attn/q_einsum_1`, ...).
 """
 
 import dataclasses
@@ -25,9 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models.attention import Attention, causal_mask, mutual_mask, rope_inv_freq, window_mask
-from big_vision_lite.models.layers import RMSNorm
+from big_vision_lite.models.attention import Attention, rope_inv_freq
+from big_vision_lite.models.cache import KVCache, LayerKV, SlotCache
+from big_vision_lite.models.layers import RMSNorm, remat
 from big_vision_lite.models.lora import LoRAConfig, lora_einsum
+from big_vision_lite.models.masks import sliding_mask, slot_mask
+from big_vision_lite.utils.dtypes import as_dtype
 
 ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
 LAYER_TYPES = ("full", "sliding")
@@ -94,49 +97,6 @@ class DecoderConfig:
         return np.stack([local if s else full for s in self.is_sliding])
 
 
-class KVCache(NamedTuple):
-    """A whole decoder's cache: k, v [L, B, S, K, H] and the keys' positions [B, S].
-
-    With unrolled layers k and v may also be tuples of L arrays [B, S, K, H] (what the decode loop carries, so
-    that each step updates every layer's buffer in place instead of restacking all of them).
-
-    `index` None: a concatenation cache, grown by every call. `index` an int32 scalar: a fixed-capacity cache
-    whose slots from `index` on are free; a call writes its T tokens there and advances `index` by T. Which
-    slots hold real keys is the caller's key mask (`attn_mask`), so free slots are never attended.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    positions: jax.Array
-    index: jax.Array | None = None
-
-    def with_capacity(self, capacity: int) -> "KVCache":
-        """This concatenation cache as a fixed-capacity one of `capacity` slots (the rest free)."""
-        if self.index is not None:
-            raise ValueError("the cache already has a fixed capacity")
-        length = self.k.shape[2]
-        if capacity < length:
-            raise ValueError(f"capacity {capacity} is smaller than the {length} cached tokens")
-        pad = [(0, 0), (0, 0), (0, capacity - length), (0, 0), (0, 0)]
-        return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad),
-                       jnp.pad(self.positions, [(0, 0), (0, capacity - length)]), jnp.asarray(length, jnp.int32))
-
-
-class SlotCache(NamedTuple):
-    """A per-layer cache in which every batch row and kv head holds its own set of tokens (what eviction needs).
-
-    Layer i: `k[i]`, `v[i]` [B, S_i, K, H] and `positions[i]` [B, K, S_i], the absolute position of the token in
-    each slot or -1 where the slot is free. S_i may differ between layers. `slots[i]` [B, K] is where the call's
-    one new token goes; the caller has already written its position there, so masks come from `positions` alone:
-    a query sees the valid slots at or before its position (and within the window on sliding layers).
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    positions: tuple[jax.Array, ...]
-    slots: tuple[jax.Array, ...]
-
-
 class Embedder(nn.Module):
     """Token embedding [V, D] (scaled by sqrt(D) for Gemma) and the output head (tied unless configured)."""
 
@@ -196,12 +156,32 @@ def _name(base: str, expert: int) -> str:
     return base if expert == 0 else f"{base}_{expert}"
 
 
+class LayerInputs(NamedTuple):
+    """What differs from one layer to the next: scanned over a leading L axis with `scan_layers`, indexed per layer
+    without."""
+
+    sliding: jax.Array  # bool []: the layer attends within the sliding window
+    inv_freq: jax.Array  # [H/2] the layer's RoPE inverse frequencies
+    k: jax.Array | None = None  # [B, S, K, H] the layer's cached keys (None: no cache)
+    v: jax.Array | None = None  # [B, S, K, H]
+
+
+class LayerOutputs(NamedTuple):
+    """What a layer returns besides the activations: the keys and values it attended to, and on request its
+    attention probabilities [B, N, T, S] and its output [B, T, D] (expert 0's)."""
+
+    k: jax.Array
+    v: jax.Array
+    probs: jax.Array | None = None
+    hidden: jax.Array | None = None
+
+
 class Block(nn.Module):
     """One pre-normed decoder layer over the tokens of all experts (attention is shared, the rest is not).
 
-    `layer` holds this layer's scanned inputs: `sliding` (bool scalar), `inv_freq` [H/2] and, with a cache,
-    `k`, `v` [B, S, K, H]. Returns the new per-expert activations and a dict with the grown `k`, `v`, plus
-    `probs` [B, N, T, S] and `hidden` (expert 0's output) when requested.
+    `mask` is the layer's mask ([B, T, S], or [B, K, T, S] per kv head); sliding layers take `window_mask` instead
+    when one is given (a scanned stack picks between the two per layer). `write_at` is where this call's keys go
+    in the cache (see `cache.LayerKV`).
     """
 
     configs: Sequence[DecoderConfig]
@@ -211,19 +191,19 @@ class Block(nn.Module):
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, xs, layer: dict[str, jax.Array], positions, full_mask, sliding_mask, cache_index):
+    def __call__(self, xs: list[jax.Array | None], layer: LayerInputs, positions: jax.Array, mask: jax.Array,
+                 window_mask: jax.Array | None, write_at: jax.Array | None
+                 ) -> tuple[list[jax.Array | None], LayerOutputs]:
         norm = lambda name, cfg: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, self.param_dtype, name=name)  # noqa: E731
         normed = [
             None if x is None else norm(_name("pre_attention_norm", i), cfg)(x)
             for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True))
         ]
-        if "mask" in layer:  # a slot cache brings this layer's own [B, K, T, S] mask and per-head slots
-            mask, cache_index = layer["mask"], layer["slots"]
-        else:
-            mask = full_mask if sliding_mask is None else jnp.where(layer["sliding"], sliding_mask, full_mask)
-        cache = (layer["k"], layer["v"]) if "k" in layer else None
+        if window_mask is not None:
+            mask = jnp.where(layer.sliding, window_mask, mask)
+        kv = None if layer.k is None else LayerKV(layer.k, layer.v, write_at)
         attn = Attention(self.configs, self.dtype, self.param_dtype, self.return_probs, name="attn")
-        attn_outs, (k, v), probs = attn(normed, positions, mask, layer["inv_freq"], cache, cache_index)
+        attn_outs, (k, v), probs = attn(normed, positions, mask, layer.inv_freq, kv)
 
         new_xs = []
         for i, (x, y, cfg) in enumerate(zip(xs, attn_outs, self.configs, strict=True)):
@@ -238,30 +218,30 @@ class Block(nn.Module):
             if cfg.post_norms:
                 y = norm(_name("post_ffw_norm", i), cfg)(y)
             new_xs.append(x + y)
-
-        out = {"k": k, "v": v}
-        if self.return_probs:
-            out["probs"] = probs
-        if self.return_hidden:
-            out["hidden"] = new_xs[0]
-        return new_xs, out
+        return new_xs, LayerOutputs(k, v, probs if self.return_probs else None,
+                                    new_xs[0] if self.return_hidden else None)
 
 
 class Decoder(nn.Module):
     """Embed -> L blocks -> final norm -> logits, for one or several experts (expert 0 owns the vocabulary).
 
     `__call__(tokens [B, T], positions [B, T], attn_mask [B, T, S], cache)` returns logits [B, T, V] (float32),
-    the grown `KVCache` and an `out` dict: `embeddings` [B, T, D], `final` [B, T, D], and when requested
-    `hidden` [L, B, T, D] (each layer's output) and `attn_probs` [L, B, N, T, S]. attn_mask is the full-attention
-    mask over the cache and the new tokens; sliding layers narrow it from the stored key positions, except between
-    tokens of one bidirectional block (`attention.mutual_mask`).
+    the cache after this call (`cache.KVCache` or `cache.SlotCache`; without a cache, a concatenation cache of the
+    call's own keys) and an `out` dict: `embeddings` [B, T, D], `final` [B, T, D], and when requested `hidden`
+    [L, B, T, D] (each layer's output) and `attn_probs` [L, B, N, T, S]. attn_mask is the full-attention mask over
+    the cache and the new tokens; sliding layers narrow it from the stored key positions, except between tokens of
+    one bidirectional block (`masks.sliding_mask`). A `SlotCache` brings its own per-layer masks (attn_mask None).
+
+    `dtype` is the compute dtype, `param_dtype` the parameters' (both: a name or a jnp dtype, see utils.dtypes);
+    `scan_layers` runs the layers with nn.scan over parameters stacked on a leading L axis (`layers`) instead of a
+    Python loop over `layers_0 ... layers_{L-1}`; `remat_policy` names a jax.checkpoint_policies policy.
     """
 
     configs: Sequence[DecoderConfig]
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    scan_layers: bool = True
-    remat_policy: str | None = None  # a name in jax.checkpoint_policies, e.g. "nothing_saveable"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
     return_probs: bool = False
     return_hidden: bool = False
 
@@ -271,15 +251,11 @@ class Decoder(nn.Module):
         for cfg in self.configs[1:]:
             assert cfg.depth == first.depth, (cfg.depth, first.depth)
             assert tuple(cfg.is_sliding) == tuple(first.is_sliding)
-        self.embedder = Embedder(first, self.dtype, self.param_dtype)
-        block = Block
-        if self.remat_policy is not None:
-            if not hasattr(jax.checkpoint_policies, self.remat_policy):
-                raise ValueError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies name")
-            block = nn.remat(block, policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                             prevent_cse=not self.scan_layers)
-        kw = dict(configs=self.configs, dtype=self.dtype, param_dtype=self.param_dtype,
-                  return_probs=self.return_probs, return_hidden=self.return_hidden)
+        dtype, param_dtype = as_dtype(self.dtype), as_dtype(self.param_dtype)
+        self.embedder = Embedder(first, dtype, param_dtype)
+        block = remat(Block, self.remat_policy, self.scan_layers)
+        kw = dict(configs=self.configs, dtype=dtype, param_dtype=param_dtype, return_probs=self.return_probs,
+                  return_hidden=self.return_hidden)
         if self.scan_layers:
             scanned = nn.scan(
                 block,
@@ -292,7 +268,7 @@ class Decoder(nn.Module):
         else:
             self.layers = [block(**kw, name=f"layers_{i}") for i in range(first.depth)]
         self.final_norms = [
-            RMSNorm(cfg.norm_eps, cfg.norm_plus_one, self.param_dtype, name=_name("final_norm", i))
+            RMSNorm(cfg.norm_eps, cfg.norm_plus_one, param_dtype, name=_name("final_norm", i))
             for i, cfg in enumerate(self.configs)
         ]
 
@@ -306,59 +282,49 @@ class Decoder(nn.Module):
         self,
         xs: Sequence[jax.Array | None],
         positions: jax.Array,
-        attn_mask: jax.Array,
-        cache: KVCache | None = None,
-    ) -> tuple[list[jax.Array | None], KVCache, dict[str, Any]]:
+        attn_mask: jax.Array | None,
+        cache: KVCache | SlotCache | None = None,
+    ) -> tuple[list[jax.Array | None], KVCache | SlotCache, dict[str, Any]]:
         """Runs the blocks and final norms on per-expert embeddings; positions/mask cover their concatenation."""
         if isinstance(cache, SlotCache):
             return self._forward_slots(xs, positions, cache)
         first = self.configs[0]
-        index = None if cache is None else cache.index
-        if cache is None:
-            key_positions, new_keys_at = positions, 0
-        elif index is None:
-            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-            new_keys_at = cache.positions.shape[1]
-        else:
-            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
-            new_keys_at = index
-        sliding_mask = None
+        key_positions, new_keys_at = (positions, 0) if cache is None else cache.key_positions(positions)
+        window = None
         if first.is_sliding.any():
-            sliding_mask = attn_mask & window_mask(positions, key_positions, first.sliding_window)
-            if attn_mask.shape[1] > 1:  # one new token (a decode step) is its own block and always in its window
-                sliding_mask |= attn_mask & mutual_mask(attn_mask, new_keys_at)
-        per_layer = {"sliding": jnp.asarray(first.is_sliding), "inv_freq": jnp.asarray(first.inv_freq)}
-        layer_list_cache = cache is not None and isinstance(cache.k, tuple)
-        if cache is not None and not layer_list_cache:
-            per_layer |= {"k": cache.k, "v": cache.v}
+            window = sliding_mask(attn_mask, positions, key_positions, first.sliding_window, new_keys_at)
+        write_at = None if cache is None else cache.index
+        sliding, inv_freq = jnp.asarray(first.is_sliding), jnp.asarray(first.inv_freq)
 
         if self.scan_layers:
-            if layer_list_cache:
+            if cache is not None and cache.is_per_layer:
                 raise ValueError("a per-layer (tuple) cache needs scan_layers=False; stack it for scanned layers")
-            xs, ys = self.layers(list(xs), per_layer, positions, attn_mask, sliding_mask, index)
+            kv = () if cache is None else (cache.k, cache.v)
+            xs, outs = self.layers(list(xs), LayerInputs(sliding, inv_freq, *kv), positions, attn_mask, window,
+                                   write_at)
+            k, v = outs.k, outs.v
         else:
-            outs = []
+            per_layer = []
             for i, block in enumerate(self.layers):
-                layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
-                if layer_list_cache:
-                    layer |= {"k": cache.k[i], "v": cache.v[i]}
-                xs, y = block(list(xs), layer, positions, attn_mask, sliding_mask, index)
-                outs.append(y)
-            extras = [{name: a for name, a in y.items() if name not in ("k", "v")} for y in outs]
-            ys = jax.tree.map(lambda *a: jnp.stack(a), *extras)
-            if layer_list_cache:  # kept per layer: each step updates every layer's buffers in place, no restacking
-                ys |= {"k": tuple(y["k"] for y in outs), "v": tuple(y["v"] for y in outs)}
-            else:
-                ys |= {"k": jnp.stack([y["k"] for y in outs]), "v": jnp.stack([y["v"] for y in outs])}
+                kv = () if cache is None else (cache.k[i], cache.v[i])
+                mask = window if first.is_sliding[i] else attn_mask
+                xs, out = block(list(xs), LayerInputs(sliding[i], inv_freq[i], *kv), positions, mask, None, write_at)
+                per_layer.append(out)
+            k, v = (tuple(o.k for o in per_layer), tuple(o.v for o in per_layer))
+            if cache is None or not cache.is_per_layer:  # kept per layer: each step updates every buffer in place
+                k, v = jnp.stack(k), jnp.stack(v)
+            stack = lambda values: None if values[0] is None else jnp.stack(values)  # noqa: E731
+            outs = LayerOutputs(k, v, stack([o.probs for o in per_layer]), stack([o.hidden for o in per_layer]))
 
         xs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
         out = {"final": xs[0]}
         if self.return_hidden:
-            out["hidden"] = ys["hidden"]
+            out["hidden"] = outs.hidden
         if self.return_probs:
-            out["attn_probs"] = ys["probs"]
-        new_index = None if index is None else index + positions.shape[1]
-        return xs, KVCache(ys["k"], ys["v"], key_positions, new_index), out
+            out["attn_probs"] = outs.probs
+        new_cache = KVCache(k, v, key_positions) if cache is None else cache.written(k, v, key_positions,
+                                                                                      positions.shape[1])
+        return xs, new_cache, out
 
     def _forward_slots(self, xs: Sequence[jax.Array | None], positions: jax.Array, cache: SlotCache
                        ) -> tuple[list[jax.Array | None], SlotCache, dict[str, Any]]:
@@ -368,19 +334,16 @@ class Decoder(nn.Module):
             raise ValueError("a SlotCache is kept per layer: decode with scan_layers=False (see for_decoding)")
         if positions.shape[1] != 1:
             raise ValueError(f"a SlotCache takes one new token per row, got {positions.shape[1]}")
-        query = positions[:, None, :, None]  # [B, 1, T, 1]
         ks, vs, probs = [], [], []
         for i, block in enumerate(self.layers):
-            key = cache.positions[i][:, :, None, :]  # [B, K, 1, S_i]
-            mask = (key >= 0) & (key <= query)  # [B, K, T, S_i]
-            if first.is_sliding[i]:
-                mask &= query - key < first.sliding_window
-            layer = {"inv_freq": jnp.asarray(first.inv_freq[i]), "k": cache.k[i], "v": cache.v[i], "mask": mask,
-                     "slots": cache.slots[i]}
-            xs, y = block(list(xs), layer, positions, None, None, None)
-            ks.append(y["k"])
-            vs.append(y["v"])
-            probs.append(y.get("probs"))
+            window = first.sliding_window if first.is_sliding[i] else None
+            mask = slot_mask(positions, cache.positions[i], window)  # [B, K, 1, S_i]
+            kv = cache.layer(i)
+            layer = LayerInputs(jnp.asarray(first.is_sliding[i]), jnp.asarray(first.inv_freq[i]), kv.k, kv.v)
+            xs, out = block(list(xs), layer, positions, mask, None, kv.write_at)
+            ks.append(out.k)
+            vs.append(out.v)
+            probs.append(out.probs)
         xs = [None if x is None else norm(x) for x, norm in zip(xs, self.final_norms, strict=True)]
         out = {"final": xs[0]}
         if self.return_probs:
@@ -391,11 +354,11 @@ class Decoder(nn.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        attn_mask: jax.Array,
-        cache: KVCache | None = None,
+        attn_mask: jax.Array | None,
+        cache: KVCache | SlotCache | None = None,
         *,
         last_logits_only: bool = False,
-    ) -> tuple[jax.Array, KVCache, dict[str, Any]]:
+    ) -> tuple[jax.Array, KVCache | SlotCache, dict[str, Any]]:
         """See the class docstring; `last_logits_only` returns logits [B, 1, V] of the last token (prefill)."""
         x = self.embed(tokens)
         xs, cache, out = self.forward([x] + [None] * (len(self.configs) - 1), positions, attn_mask, cache)
@@ -408,17 +371,6 @@ class Decoder(nn.Module):
         if not self.scan_layers:
             return self, params
         return self.clone(scan_layers=False), unstack_layers(params, self.configs[0].depth)
-
-
-def positions_from_mask(input_mask: jax.Array) -> jax.Array:
-    """Positions [B, T] of the valid tokens in a (left-)padded batch: cumsum(mask) - 1, clipped at 0."""
-    return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def prefill_mask(input_mask: jax.Array) -> jax.Array:
-    """[B, T, T] causal mask of a padded batch of prompts (padding is never attended)."""
-    positions = positions_from_mask(input_mask)
-    return causal_mask(positions, positions, input_mask.astype(bool)) & input_mask.astype(bool)[:, :, None]
 
 
 def stack_layers(params: dict, depth: int) -> dict:
@@ -436,3 +388,12 @@ def unstack_layers(params: dict, depth: int) -> dict:
     for i in range(depth):
         params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
     return params
+
+
+def relayout_layers(params: dict, depth: int, scan_layers: bool) -> dict:
+    """Decoder params in either layout, returned in the one `Decoder(..., scan_layers=scan_layers)` expects."""
+    if scan_layers and "layers" not in params:
+        return stack_layers(params, depth)
+    if not scan_layers and "layers" in params:
+        return unstack_layers(params, depth)
+    return dict(params)

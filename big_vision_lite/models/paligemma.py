@@ -12,10 +12,9 @@ transformers 5.x does, whose scaled-embedding module applies the factor at looku
 transformers' processor, `"<image>" * P + bos + prefix + "\\n" [+ suffix + eos]`, so a batch from either
 processor runs unchanged; the placeholder id may lie beyond the vocabulary (it is never looked up).
 
-Masks: `make_attn_mask(input_mask, mask_ar)` (big_vision/openpi semantics): a token sees every valid token whose
-running count of `mask_ar` ones is not larger than its own, so a run of zeros (image + prefix) is one
-bidirectional block and each one (suffix token) starts a causal step; padding is never seen. Positions are
-`cumsum(input_mask) - 1`.
+Masks: `masks.prefix_lm_mask(input_mask, mask_ar)` (big_vision/openpi semantics): a run of `mask_ar` zeros (image +
+prefix) is one bidirectional block and each one (suffix token) starts a causal step; padding is never seen.
+Positions are `cumsum(input_mask) - 1`.
 
 Parameters (big_vision's PaliGemma names): `img/...` (the ViT; `img/head` is the projector) and `llm/...` (the
 decoder; see `gemma.py`). Extra experts (`PaliGemmaConfig.experts`, the openpi pi0 layout) add `_1`, `_2`, ...
@@ -24,7 +23,7 @@ exactly expert 0's.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,9 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models.gemma import Decoder, DecoderConfig, KVCache, unstack_layers
+from big_vision_lite.models.cache import KVCache
+from big_vision_lite.models.gemma import Decoder, DecoderConfig, relayout_layers
 from big_vision_lite.models.lora import LoRAConfig
-from big_vision_lite.models.vit import ViT, ViTConfig
+from big_vision_lite.models.vit import ViT, ViTConfig, relayout_vit
+from big_vision_lite.utils.dtypes import as_dtype
+
+# ViTConfig fields that runs written before they became module settings (scan_layers, remat_policy, dtype) saved.
+_LEGACY_VISION_FIELDS = ("scan", "remat", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +84,10 @@ def paligemma_config_from_dict(fields: dict[str, Any]) -> PaliGemmaConfig:
             d["layer_types"] = tuple(d["layer_types"])
         return DecoderConfig(**d)
 
-    return PaliGemmaConfig(vision=ViTConfig(**fields["vision"]), llm=decoder(fields["llm"]),
+    vision = {k: v for k, v in fields["vision"].items() if k not in _LEGACY_VISION_FIELDS}
+    return PaliGemmaConfig(vision=ViTConfig(**vision), llm=decoder(fields["llm"]),
                            image_token_id=fields["image_token_id"],
                            experts=tuple(decoder(e) for e in fields.get("experts", ())))
-
-
-def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
-    """[B, T, T] prefix-LM mask from input_mask [B, T] (valid tokens) and mask_ar [B, T] (1 = causal step)."""
-    steps = jnp.cumsum(mask_ar.astype(jnp.int32), axis=1)  # [B, T]
-    valid = input_mask.astype(bool)
-    return (steps[:, None, :] <= steps[:, :, None]) & valid[:, None, :] & valid[:, :, None]
 
 
 def merge_image_tokens(text: jax.Array, image: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -116,19 +114,21 @@ class PaliGemma(nn.Module):
 
     With `images` [B, R, R, 3] the image placeholders in `tokens` are replaced by image tokens (the prefill);
     without, `tokens` are plain text ids (decoding steps). `out` adds `image_tokens` [B, P, D] (the projector's
-    output) and `vision` (the ViT's intermediates) to the decoder's `out`.
+    output) and `vision` (the ViT's intermediates) to the decoder's `out`. The module settings (dtype, param_dtype,
+    scan_layers, remat_policy) apply to both the ViT and the decoder.
     """
 
     config: PaliGemmaConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    scan_layers: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
     remat_policy: str | None = None
     return_probs: bool = False
     return_hidden: bool = False
 
     def setup(self):
-        self.img = ViT(self.config.vision, return_hidden=self.return_hidden)
+        self.img = ViT(self.config.vision, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scan_layers=self.scan_layers, remat_policy=self.remat_policy, return_hidden=self.return_hidden)
         self.llm = Decoder(self.config.decoders, dtype=self.dtype, param_dtype=self.param_dtype,
                            scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                            return_probs=self.return_probs, return_hidden=self.return_hidden)
@@ -136,7 +136,7 @@ class PaliGemma(nn.Module):
     def embed_images(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """images [B, R, R, 3] in [-1, 1] -> image tokens [B, P, D] in the decoder's dtype, ViT intermediates."""
         tokens, out = self.img(images)
-        return tokens.astype(self.dtype), out
+        return tokens.astype(as_dtype(self.dtype)), out
 
     def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """Decoder inputs [B, T, D]: scaled text embeddings with image tokens at the placeholders."""
@@ -183,11 +183,10 @@ class PaliGemma(nn.Module):
         return self.llm.forward(xs, positions, attn_mask, cache)
 
     def for_decoding(self, params: dict[str, Any]) -> tuple["PaliGemma", dict[str, Any]]:
-        """This model with unrolled decoder layers and `params` relaid out to match (what decode loops run)."""
+        """This model with unrolled layers and `params` relaid out to match (what decode loops run)."""
         if not self.scan_layers:
             return self, params
-        llm = unstack_layers(params["llm"], self.config.llm.depth)
-        return self.clone(scan_layers=False), {**params, "llm": llm}
+        return self.clone(scan_layers=False), relayout_paligemma(params, self.config, scan_layers=False)
 
 
 def dummy_inputs(config: PaliGemmaConfig, batch: int = 1, text_len: int = 2) -> dict[str, jax.Array]:
@@ -208,10 +207,17 @@ def init_params(module: PaliGemma, rng: jax.Array) -> dict[str, Any]:
     def init(model: PaliGemma) -> None:
         x, _ = model.embed(inputs["tokens"], inputs["images"])
         length = x.shape[1]
-        suffixes = [jnp.zeros((1, 1, cfg.width), module.dtype) for cfg in module.config.experts]
+        suffixes = [jnp.zeros((1, 1, cfg.width), as_dtype(module.dtype)) for cfg in module.config.experts]
         total = length + len(suffixes)
         positions = jnp.arange(total)[None]
         model.experts_forward([x, *suffixes], positions, jnp.ones((1, total, total), bool))
         model.llm.logits(x)
 
     return module.init(rng, method=init)["params"]
+
+
+def relayout_paligemma(params: Mapping[str, Any], config: PaliGemmaConfig, scan_layers: bool) -> dict[str, Any]:
+    """Params in whichever block layouts they come, returned as `PaliGemma(config, scan_layers=...)` expects: ViT
+    blocks and decoder layers both stacked (`scan_layers`) or both unrolled."""
+    return {**params, "img": relayout_vit(params["img"], config.vision, scan_layers),
+            "llm": relayout_layers(params["llm"], config.llm.depth, scan_layers)}

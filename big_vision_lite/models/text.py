@@ -21,13 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite.models.vit import (
-    check_encoder_shape,
-    compute_dtype,
-    decode_variant,
-    encoder_from_config,
-    make_config,
-)
+from big_vision_lite.models.vit import check_encoder_shape, decode_variant, make_config, relayout_encoder, tower_encoder
+from big_vision_lite.utils.dtypes import as_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +36,10 @@ class TextConfig:
     num_heads: int
     max_len: int = 64
     head_size: int | None = None
-    scan: bool = False
-    remat: bool = False
-    dtype: str = "float32"  # compute dtype; parameters stay float32
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        check_encoder_shape("TextConfig", self.width, self.depth, self.mlp_dim, self.num_heads, self.dtype)
+        check_encoder_shape("TextConfig", self.width, self.depth, self.mlp_dim, self.num_heads)
         for name in ("vocab_size", "max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -73,9 +65,14 @@ def text_config(variant: str, **overrides: Any) -> TextConfig:
 class TextTransformer(nn.Module):
     """`__call__(tokens [B, T] int) -> (x [B, E], out)`. `out`: `embedded` [B, T, D] (token embeddings),
     `with_posemb`, `pre_ln`, `encoded` [B, T, D] (after encoder_norm), `pre_logits` [B, D] (the last token),
-    `logits` [B, E] (after the head, when there is one) and, with `return_hidden`, `blocks` [L, B, T, D]."""
+    `logits` [B, E] (after the head, when there is one) and, with `return_hidden`, `blocks` [L, B, T, D].
+    Settings (dtype, param_dtype, scan_layers, remat_policy) mean what they mean for the ViT and the decoder."""
 
     config: TextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
     return_hidden: bool = False
 
     @nn.compact
@@ -86,18 +83,23 @@ class TextTransformer(nn.Module):
                              f"1 <= T <= max_len {cfg.max_len}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-        dtype = compute_dtype(cfg.dtype)
+        dtype, param_dtype = as_dtype(self.dtype), as_dtype(self.param_dtype)
         out: dict[str, jax.Array] = {}
-        x = out["embedded"] = nn.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=jnp.float32,
+        x = out["embedded"] = nn.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=param_dtype,
                                        name="Embed_0")(tokens)  # [B, T, D]
         pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / math.sqrt(cfg.width)),
-                         (1, cfg.max_len, cfg.width), jnp.float32)
+                         (1, cfg.max_len, cfg.width), param_dtype)
         x = out["with_posemb"] = x + pos[:, : tokens.shape[1]].astype(dtype)
 
-        x, enc = encoder_from_config(cfg, "Encoder_0", self.return_hidden)(x)
+        x, enc = tower_encoder(self, cfg, "Encoder_0")(x)
         out |= enc
         out["encoded"] = x  # [B, T, D]
         x = out["pre_logits"] = x[:, -1]  # [B, D]
         if cfg.head_size is not None:
-            x = out["logits"] = nn.Dense(cfg.head_size, dtype=dtype, param_dtype=jnp.float32, name="head")(x)
+            x = out["logits"] = nn.Dense(cfg.head_size, dtype=dtype, param_dtype=param_dtype, name="head")(x)
         return x, out
+
+
+def relayout_text(params: dict[str, Any], config: TextConfig, scan_layers: bool) -> dict[str, Any]:
+    """A text tower's params in either block layout, returned as `TextTransformer(config, scan_layers=...)` expects."""
+    return {**params, "Encoder_0": relayout_encoder(params["Encoder_0"], config.depth, scan_layers)}

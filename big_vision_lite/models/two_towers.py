@@ -9,7 +9,8 @@ t' = log temperature (init log(temperature_init), paper: log 10) and `b` [1] the
 logits are `exp(t') * zimg @ ztxt.T + b` (computed by the loss, see losses.py).
 
 Params: `img` (vit.py's tree), `txt` (text.py's tree), `t` [1], `b` [1]. `init_params` builds them from the
-config's shapes (flax creates a tower's params only when that tower runs, so init needs both inputs).
+config's shapes (flax creates a tower's params only when that tower runs, so init needs both inputs). The module
+settings (dtype, param_dtype, scan_layers, remat_policy) apply to both towers and mean what they mean everywhere.
 """
 
 import dataclasses
@@ -21,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from big_vision_lite.models.text import TextConfig, TextTransformer
-from big_vision_lite.models.vit import ViT, ViTConfig, decode_variant, make_config, relayout_encoder
+from big_vision_lite.models.text import TextConfig, TextTransformer, relayout_text
+from big_vision_lite.models.vit import ViT, ViTConfig, decode_variant, make_config, relayout_vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,16 @@ class TwoTowers(nn.Module):
     """
 
     config: TwoTowersConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
     return_hidden: bool = False
+
+    def tower_settings(self) -> dict[str, Any]:
+        """The settings both towers take from this module."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                    remat_policy=self.remat_policy, return_hidden=self.return_hidden)
 
     @nn.compact
     def __call__(
@@ -76,11 +86,11 @@ class TwoTowers(nn.Module):
             if cfg.image.pool_type == "none":
                 raise ValueError("image pool_type 'none' yields tokens [B, P, D], not an embedding; use "
                                  "ViT(config.image).apply({'params': params['img']}, images) for the tokens")
-            zimg, img_out = ViT(cfg.image, self.return_hidden, name="img")(images)
+            zimg, img_out = ViT(cfg.image, **self.tower_settings(), name="img")(images)
             out |= {f"img/{k}": v for k, v in img_out.items()}
             zimg, out["img/norm"] = _l2_normalise(zimg)  # [B, E] float32
         if tokens is not None:
-            ztxt, txt_out = TextTransformer(cfg.text, self.return_hidden, name="txt")(tokens)
+            ztxt, txt_out = TextTransformer(cfg.text, **self.tower_settings(), name="txt")(tokens)
             out |= {f"txt/{k}": v for k, v in txt_out.items()}
             ztxt, out["txt/norm"] = _l2_normalise(ztxt)  # [B, E] float32
 
@@ -104,35 +114,29 @@ def init_params(module: TwoTowers, rng: jax.Array) -> dict[str, Any]:
     images, tokens = dummy_inputs(module.config)
     if module.config.image.pool_type == "none":  # TwoTowers refuses token outputs; init the ViT on its own
         params = jax.jit(module.init)(rng, None, tokens)["params"]
-        vit = ViT(module.config.image)
+        vit = ViT(module.config.image, **module.tower_settings())
         return {**params, "img": jax.jit(vit.init)(jax.random.fold_in(rng, 1), images)["params"]}
     return jax.jit(module.init)(rng, images, tokens)["params"]
 
 
-def relayout_params(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict[str, Any]:
-    """Params in either block layout (scanned or unrolled, per tower) -> the layout `cfg` asks for."""
+def relayout_two_towers(params: Mapping[str, Any], cfg: TwoTowersConfig, scan_layers: bool) -> dict[str, Any]:
+    """Params in either block layout (per tower) -> the layout `TwoTowers(cfg, scan_layers=scan_layers)` expects."""
     params = dict(params)
     if "img" in params:
-        img = dict(params["img"])
-        img["Transformer"] = relayout_encoder(img["Transformer"], cfg.image.depth, cfg.image.scan)
-        params["img"] = img
+        params["img"] = relayout_vit(params["img"], cfg.image, scan_layers)
     if "txt" in params:
-        txt = dict(params["txt"])
-        txt["Encoder_0"] = relayout_encoder(txt["Encoder_0"], cfg.text.depth, cfg.text.scan)
-        params["txt"] = txt
+        params["txt"] = relayout_text(params["txt"], cfg.text, scan_layers)
     return params
 
 
 # ---------------------------------------------------------------------------------------------- from a dict
 
-_TOP_KEYS = ("image", "text", "out_dim", "temperature_init", "bias_init", "dtype", "scan", "remat")
-_SHARED = ("dtype", "scan", "remat")  # top-level defaults for both towers; a tower's own setting wins
+_TOP_KEYS = ("image", "text", "out_dim", "temperature_init", "bias_init")
 
 
-def _tower_fields(kind: str, spec: Mapping[str, Any] | None, shared: Mapping[str, Any],
-                  head_size: int | None) -> dict[str, Any]:
+def _tower_fields(kind: str, spec: Mapping[str, Any] | None, head_size: int | None) -> dict[str, Any]:
     spec = dict(spec or {})
-    fields = dict(shared)
+    fields: dict[str, Any] = {}
     if (variant := spec.pop("variant", None)) is not None:
         sizes = decode_variant(variant)
         if kind == "text" and "patch_size" in sizes:
@@ -154,8 +158,7 @@ def two_towers_config(cfg: Mapping[str, Any]) -> TwoTowersConfig:
         {"image": {"variant": "B/16", "image_size": 224, "pool_type": "map", ...},   # or explicit width/depth/...
          "text": {"variant": "B", "vocab_size": 32000, "max_len": 64, ...},
          "out_dim": 768,            # optional: both towers' head_size (an int, or (image, text))
-         "temperature_init": 10.0, "bias_init": -10.0,   # optional
-         "dtype": "float32", "scan": False, "remat": False}   # optional defaults for both towers
+         "temperature_init": 10.0, "bias_init": -10.0}   # optional
 
     Unknown keys, at the top or in a tower, are a ValueError naming them.
     """
@@ -172,15 +175,7 @@ def two_towers_config(cfg: Mapping[str, Any]) -> TwoTowersConfig:
         img_head, txt_head = out_dim
     else:
         img_head = txt_head = out_dim
-    shared = {k: cfg[k] for k in _SHARED if k in cfg}
-    image = make_config(ViTConfig, "model.image", _tower_fields("image", cfg["image"], shared, img_head))
-    text = make_config(TextConfig, "model.text", _tower_fields("text", cfg["text"], shared, txt_head))
+    image = make_config(ViTConfig, "model.image", _tower_fields("image", cfg["image"], img_head))
+    text = make_config(TextConfig, "model.text", _tower_fields("text", cfg["text"], txt_head))
     extra = {k: cfg[k] for k in ("temperature_init", "bias_init") if k in cfg}
     return TwoTowersConfig(image=image, text=text, **extra)
-
-
-def build_two_towers(cfg: Mapping[str, Any] | TwoTowersConfig, *, return_hidden: bool = False) -> TwoTowers:
-    """The `TwoTowers` module of a plain dict (see `two_towers_config`) or a `TwoTowersConfig`."""
-    if not isinstance(cfg, TwoTowersConfig):
-        cfg = two_towers_config(cfg)
-    return TwoTowers(cfg, return_hidden=return_hidden)

@@ -18,8 +18,10 @@ L axis), `Transformer/encoder_norm/{scale, bias}`, `MAPHead_0/{probe [1, 1, D], 
 LayerNorm_0, MlpBlock_0}`, `head/{kernel [D, E], bias [E]}`. Attention: query/key/value kernel [D, N, H] and
 bias [N, H]; out kernel [N, H, D] and bias [D].
 
-dtype policy: parameters are float32; `dtype` is the compute dtype. LayerNorm statistics, attention logits and the
-softmax are computed in float32, then cast back.
+Module settings, the same as the decoder's (`gemma.Decoder`): `dtype` (compute) and `param_dtype` (a name or a jnp
+dtype, see utils.dtypes), `scan_layers` (the blocks stacked under `encoderblock` and run by nn.scan) and
+`remat_policy` (a jax.checkpoint_policies name). LayerNorm statistics, attention logits and the softmax are computed
+in float32, then cast back.
 """
 
 import dataclasses
@@ -32,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from big_vision_lite.models.layers import LayerNorm, remat
+from big_vision_lite.utils.dtypes import as_dtype
+
 POOL_TYPES = ("map", "gap", "none")
 # big_vision's `decode_variant` (vit.py): name -> (width, depth, mlp_dim, num_heads).
 VARIANTS = {
@@ -52,20 +56,13 @@ VARIANTS = {
 }
 
 
-def compute_dtype(name: str) -> jnp.dtype:
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-def check_encoder_shape(kind: str, width: int, depth: int, mlp_dim: int, num_heads: int, dtype: str) -> None:
-    """The checks both towers' configs share: positive sizes, heads divide the width, a known dtype."""
+def check_encoder_shape(kind: str, width: int, depth: int, mlp_dim: int, num_heads: int) -> None:
+    """The checks both towers' configs share: positive sizes, and heads that divide the width."""
     for name, value in (("width", width), ("depth", depth), ("mlp_dim", mlp_dim), ("num_heads", num_heads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{kind}.{name} must be a positive int, got {value!r}")
     if width % num_heads:
         raise ValueError(f"{kind}.width {width} is not a multiple of {kind}.num_heads {num_heads}")
-    compute_dtype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +77,10 @@ class ViTConfig:
     image_size: int = 224
     pool_type: str = "map"  # "map" | "gap" | "none" (tokens)
     head_size: int | None = None
-    scan: bool = False  # blocks stacked under `Transformer/encoderblock` and run by nn.scan
-    remat: bool = False  # rematerialise each block in the backward pass (nothing_saveable)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        check_encoder_shape("ViTConfig", self.width, self.depth, self.mlp_dim, self.num_heads, self.dtype)
+        check_encoder_shape("ViTConfig", self.width, self.depth, self.mlp_dim, self.num_heads)
         if not isinstance(self.patch_size, int) or self.patch_size < 1:
             raise ValueError(f"ViTConfig.patch_size must be a positive int, got {self.patch_size!r}")
         if not isinstance(self.image_size, int) or self.image_size % self.patch_size:
@@ -137,39 +131,16 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis D with `scale` [D] and `bias` [D] (flax's names and inits): two-pass variance
-    (as torch computes it), statistics in float32 whatever the input dtype. Written out rather than flax's
-    nn.LayerNorm, which multiplies the scale into rsqrt(var) first: for that [B, T, D] product XLA:CPU wrote the
-    scale broadcast to [B, T, D] into memory in every LayerNorm (the same math; the train step ran ~3% faster)."""
-
-    eps: float
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        x = x.astype(jnp.float32)
-        xc = x - jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
-        return (xc * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
-
-
-def layer_norm(eps: float, dtype: jnp.dtype, name: str) -> LayerNorm:
-    return LayerNorm(eps, dtype, name=name)
-
-
 class MlpBlock(nn.Module):
     """Dense_0 [D, F] -> tanh-GELU -> Dense_1 [F, D], both with biases."""
 
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
                   bias_init=nn.initializers.normal(stddev=1e-6))
         y = nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x)  # [B, T, F]
         y = nn.gelu(y, approximate=True)
@@ -182,13 +153,14 @@ class MultiHeadAttention(nn.Module):
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
         d = xq.shape[-1]
         n = self.num_heads
         h = d // n
-        kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform())
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
         q = nn.DenseGeneral((n, h), name="query", **kw)(xq)  # [B, T, N, H]
         k = nn.DenseGeneral((n, h), name="key", **kw)(xkv)  # [B, S, N, H]
         v = nn.DenseGeneral((n, h), name="value", **kw)(xkv)  # [B, S, N, H]
@@ -204,16 +176,18 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
     return_hidden: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_0")(x)
-        y = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, y)
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(x)
+        y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, y)
         x = x + y
-        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_1")(x)
-        x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
+        y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_1")(x)
+        x = x + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y)
         return x, (x if self.return_hidden else None)
 
 
@@ -225,20 +199,18 @@ class Encoder(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
-    scan: bool = False
-    remat: bool = False
+    scan_layers: bool = False
+    remat_policy: str | None = None
     return_hidden: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        block = EncoderBlock
-        if self.remat:
-            # prevent_cse is only needed outside scan (scan already keeps XLA from merging the recomputation).
-            block = nn.remat(block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=not self.scan)
-        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, norm_eps=self.norm_eps,
-                  return_hidden=self.return_hidden)
-        if self.scan:
+        block = remat(EncoderBlock, self.remat_policy, self.scan_layers)
+        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                  norm_eps=self.norm_eps, return_hidden=self.return_hidden)
+        if self.scan_layers:
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
             x, hidden = scanned(**kw, name="encoderblock")(x)  # hidden [L, B, T, D] or None
         else:
@@ -251,7 +223,7 @@ class Encoder(nn.Module):
         out = {"pre_ln": x}
         if self.return_hidden:
             out["blocks"] = hidden
-        return layer_norm(self.norm_eps, self.dtype, "encoder_norm")(x), out
+        return LayerNorm(self.norm_eps, self.dtype, self.param_dtype, name="encoder_norm")(x), out
 
 
 class MAPHead(nn.Module):
@@ -260,32 +232,40 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, _, d = x.shape
-        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))  # [B, 1, D]
-        h = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
-        y = layer_norm(self.norm_eps, self.dtype, "LayerNorm_0")(h)
-        h = h + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)  # [B, 1, D]
+        h = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(probe, x)
+        y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(h)
+        h = h + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y)  # [B, 1, D]
         return h[:, 0]  # [B, D]
 
 
-def encoder_from_config(cfg: Any, name: str, return_hidden: bool) -> Encoder:
-    """The Encoder of a ViTConfig or TextConfig (both carry the same encoder fields)."""
-    return Encoder(depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, dtype=compute_dtype(cfg.dtype),
-                   norm_eps=cfg.norm_eps, scan=cfg.scan, remat=cfg.remat, return_hidden=return_hidden, name=name)
+def tower_encoder(tower: nn.Module, cfg: Any, name: str) -> Encoder:
+    """The Encoder of a tower (`ViT` or `text.TextTransformer`) with its config's sizes (a ViTConfig or TextConfig:
+    both carry the same encoder fields) and the tower's module settings."""
+    return Encoder(depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, dtype=as_dtype(tower.dtype),
+                   param_dtype=as_dtype(tower.param_dtype), norm_eps=cfg.norm_eps, scan_layers=tower.scan_layers,
+                   remat_policy=tower.remat_policy, return_hidden=tower.return_hidden, name=name)
 
 
 class ViT(nn.Module):
     """`__call__(images [B, R, R, 3] in [-1, 1]) -> (x, out)`: x is [B, E] pooled (or [B, P, E] tokens with
     pool_type "none"), E = head_size or D. `out`: `stem` [B, R/p, R/p, D], `with_posemb` [B, P, D], `pre_ln`,
     `encoded` [B, P, D] (after encoder_norm), `pre_logits` (pooled, before the head), `logits` (after the head,
-    when there is one) and, with `return_hidden`, `blocks` [L, B, P, D]."""
+    when there is one) and, with `return_hidden`, `blocks` [L, B, P, D]. Settings: see the module docstring."""
 
     config: ViTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str | None = None
     return_hidden: bool = False
 
     @nn.compact
@@ -295,27 +275,28 @@ class ViT(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != (r, r, 3):
             raise ValueError(f"images have shape {tuple(images.shape)}; this ViT expects [B, {r}, {r}, 3] "
                              f"(image_size {r}, channels last)")
-        dtype = compute_dtype(cfg.dtype)
+        dtype, param_dtype = as_dtype(self.dtype), as_dtype(self.param_dtype)
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         out: dict[str, jax.Array] = {}
-        x = out["stem"] = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                                  param_dtype=jnp.float32, name="embedding")(images.astype(dtype))  # [B, R/p, R/p, D]
+        x = out["stem"] = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", **dtypes,
+                                  name="embedding")(images.astype(dtype))  # [B, R/p, R/p, D]
         b, gh, gw, d = x.shape
         x = jnp.reshape(x, (b, gh * gw, d))  # [B, P, D], row-major over the patch grid (as HF's flatten(2))
         pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, gh * gw, d),
-                         jnp.float32)
+                         param_dtype)
         x = out["with_posemb"] = x + pos.astype(dtype)
 
-        x, enc = encoder_from_config(cfg, "Transformer", self.return_hidden)(x)
+        x, enc = tower_encoder(self, cfg, "Transformer")(x)
         out |= enc
         out["encoded"] = x  # [B, P, D]
 
         if cfg.pool_type == "map":
-            x = MAPHead(cfg.num_heads, cfg.mlp_dim, dtype, cfg.norm_eps, name="MAPHead_0")(x)  # [B, D]
+            x = MAPHead(cfg.num_heads, cfg.mlp_dim, **dtypes, norm_eps=cfg.norm_eps, name="MAPHead_0")(x)  # [B, D]
         elif cfg.pool_type == "gap":
             x = jnp.mean(x.astype(jnp.float32), axis=1).astype(dtype)  # [B, D]
         out["pre_logits"] = x
         if cfg.head_size is not None:
-            x = out["logits"] = nn.Dense(cfg.head_size, dtype=dtype, param_dtype=jnp.float32, name="head")(x)
+            x = out["logits"] = nn.Dense(cfg.head_size, **dtypes, name="head")(x)
         return x, out
 
 
@@ -340,11 +321,16 @@ def unstack_encoder_blocks(encoder: Mapping[str, Any]) -> dict[str, Any]:
     return encoder
 
 
-def relayout_encoder(encoder: Mapping[str, Any], depth: int, scan: bool) -> dict[str, Any]:
-    """Encoder params in whichever layout they come, returned in the scanned (`scan`) or unrolled one."""
+def relayout_encoder(encoder: Mapping[str, Any], depth: int, scan_layers: bool) -> dict[str, Any]:
+    """Encoder params in whichever layout they come, returned in the scanned (`scan_layers`) or unrolled one."""
     is_scanned = "encoderblock" in encoder
-    if scan and not is_scanned:
+    if scan_layers and not is_scanned:
         return stack_encoder_blocks(encoder, depth)
-    if not scan and is_scanned:
+    if not scan_layers and is_scanned:
         return unstack_encoder_blocks(encoder)
     return dict(encoder)
+
+
+def relayout_vit(params: Mapping[str, Any], config: ViTConfig, scan_layers: bool) -> dict[str, Any]:
+    """A ViT's params in either block layout, returned as `ViT(config, scan_layers=scan_layers)` expects."""
+    return {**params, "Transformer": relayout_encoder(params["Transformer"], config.depth, scan_layers)}

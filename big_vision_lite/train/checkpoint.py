@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = "checkpoints"
+from big_vision_lite.checkpoints.run import CHECKPOINT_DIR
+
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
@@ -87,31 +87,3 @@ class Checkpointer:
 def _check_same_structure(expected: Any, restored: Any, step: int) -> None:
     if jax.tree.structure(expected) != jax.tree.structure(restored):
         raise ValueError(f"checkpoint step {step} holds a different state structure than this config builds")
-
-
-def abstract_like(state: Any) -> Any:
-    """Shape, dtype and sharding of every leaf: what `restore_latest` restores into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def load_params(workdir: str | Path) -> tuple[int, Any]:
-    """(step, params as numpy) of the newest checkpoint in a training workdir, on the host, whatever mesh wrote it.
-
-    For notebooks, evaluation and warm starts (e.g. a PaliGemma vision tower from a SigLIP run).
-    """
-    directory = Path(workdir).absolute() / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no checkpoints (train with `bvl train CONFIG --workdir {workdir}`)")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                   "meta": ocp.JsonCheckpointHandler()})
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    metadata = manager.item_metadata(step)["state"]
-    # Restore every array onto this process's first device: the writer's mesh may not exist here.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    manager.close()
-    return step, jax.tree.map(np.asarray, state["params"])

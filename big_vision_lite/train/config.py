@@ -1,7 +1,9 @@
 """Experiment configs, big_vision style: a Python file whose `get_config(arg=None)` returns a `ConfigDict`.
 
-`load_config("configs/siglip_shapes.py:arg")` imports the file and calls `get_config("arg")` (no argument when
-there is no `:`). `apply_overrides(config, ["optimizer.lr=3e-4", ...])` sets dotted keys from the command line;
+`load_config("siglip_shapes:arg")` imports the packaged config `big_vision_lite/configs/siglip_shapes.py` and
+calls `get_config("arg")` (no argument when there is no `:`): a bare name (no "/", no ".py") always means a
+packaged config, from any working directory and from a wheel install; anything else is a path to a config file,
+which must exist. `apply_overrides(config, ["optimizer.lr=3e-4", ...])` sets dotted keys from the command line;
 an unknown key is an error naming the closest valid keys, and a value is converted to the type the key already
 holds, so `--set total_steps=10` stays an int and `--set data.image_size=abc` is refused.
 """
@@ -15,22 +17,40 @@ from typing import Any
 
 import ml_collections
 
+import big_vision_lite.configs
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PACKAGED_CONFIG_DIR = Path(big_vision_lite.configs.__file__).parent
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs that ship inside the package."""
+    return sorted(p.stem for p in PACKAGED_CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def config_path(name: str) -> Path:
+    """The file a config spec's name part means: a packaged config for a bare name, else the path itself."""
+    if "/" not in name and not name.endswith(".py"):
+        path = PACKAGED_CONFIG_DIR / f"{name}.py"
+        if name == "__init__" or not path.is_file():
+            raise ConfigError(f"unknown config {name!r}: packaged configs are {', '.join(packaged_configs())}; "
+                              f"anything with a '/' or ending in .py is a path to a config file")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (packaged configs are named without a path: "
+                          f"{', '.join(packaged_configs())})")
+    return path
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Imports `path.py[:arg]` and returns its `get_config(arg)`."""
-    path_text, _, arg = spec.partition(":")
-    path = Path(path_text)
-    if not path.is_file() and (CONFIG_DIR / path.name).is_file():
-        path = CONFIG_DIR / path.name  # "configs/x.py" names the project's config from any working directory
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """Imports `NAME[:arg]` (a packaged config) or `path.py[:arg]` and returns its `get_config(arg)`."""
+    name, _, arg = spec.partition(":")
+    path = config_path(name)
     module_spec = importlib.util.spec_from_file_location(f"bvl_config_{path.stem}", path)
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"config file {path} cannot be imported as Python")

@@ -1,8 +1,12 @@
 """The training loop every task shares: sharded state, a jitted donated step, checkpoints, metrics, resume.
 
-A task (SigLIP, PaliGemma) supplies only what differs: how to build and initialise its parameters, its loss and
-gradients for one batch, its data from a given step on, and its evaluation. Everything else lives here once:
+A task (SigLIP, PaliGemma; `config.task` names it) supplies only what differs: the finished runs it needs first,
+how to build and initialise its parameters, its loss and gradients for one batch, its data from a given step on,
+and its evaluation. Everything else lives here once:
 
+* `prepare(config, workdir)` builds what a run needs before its first step (mesh, task, optimizer, shardings, the
+  jitted step from `build_train_step`): `train` runs it, and the train-step benchmarks time that very step;
+* the runs a task `requires` are trained (or resumed) first when they have not finished;
 * state = {step, params, opt_state, rng}, placed on a `data x fsdp` mesh by the config's sharding rules;
 * `config.trainable` (optional regexes over parameter names) freezes the rest: no optimizer state, no update;
 * `train_step(state, batch) -> (state, metrics)` jitted with the state donated, compiled ahead of the first step
@@ -17,11 +21,12 @@ gradients for one batch, its data from a given step on, and its evaluation. Ever
 
 import ctypes
 import dataclasses
+import functools
 import json
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,16 +35,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from big_vision_lite.checkpoints.atomic import write_text_atomic
+from big_vision_lite.checkpoints.run import CONFIG_FILE, latest_step
 from big_vision_lite.train.checkpoint import Checkpointer
+from big_vision_lite.train.config import load_config
 from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule, trainable_mask
+from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
+from big_vision_lite.train.tasks import task_class
+from big_vision_lite.utils.atomic import write_text_atomic
 
-LOOP_KEYS = ("seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
-CONFIG_FILE = "config.json"
+LOOP_KEYS = ("task", "seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
 RESULT_FILE = "result.json"
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -50,9 +59,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Task(Protocol):
-    """What a model family brings to the shared loop."""
+    """What a model family brings to the shared loop; built as `Task(config, workdir, mesh)`."""
 
     eval_keys: tuple[str, ...]  # metric names `evaluate` returns, plotted at the end
+
+    @staticmethod
+    def requires(config: ml_collections.ConfigDict) -> tuple[Requirement, ...]:
+        """The runs that must have finished before the task is built (trained first by `train`)."""
 
     def init_params(self, rng: jax.Array) -> Any:
         """Fresh parameters (traced under jit: no side effects)."""
@@ -87,6 +100,7 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
     missing = [k for k in LOOP_KEYS if k not in config]
     if missing:
         raise ValueError(f"config lacks {', '.join(missing)}")
+    task_class(config.task)  # refuses an unknown task before anything is built
     for key in ("total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"config.{key} must be an int >= 1, got {config[key]!r}")
@@ -110,12 +124,16 @@ def reuse_freed_host_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-def _new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict[str, Any]:
+def new_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict[str, Any]:
+    """The state `build_train_step` steps: {step, params, opt_state, rng}."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
 
 
-def _make_step(task: Task, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               trainable: Any | None = None):
+def build_train_step(task: Task, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     trainable: Any | None = None) -> Callable[[dict[str, Any], dict[str, jax.Array]],
+                                                               tuple[dict[str, Any], dict[str, jax.Array]]]:
+    """`train_step(state, batch) -> (state, metrics)`: the task's gradients, then clipping + AdamW (`optimizer`),
+    frozen parameters (`trainable` False) getting zero gradients. Not jitted: `prepare` jits it with shardings."""
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, Any]]:
         rng = jax.random.fold_in(state["rng"], state["step"])  # a function of the step: resumes reproduce it
         loss, metrics, grads = task.train_grads(state["params"], batch, rng)
@@ -129,6 +147,69 @@ def _make_step(task: Task, optimizer: optax.GradientTransformation, schedule: op
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
     return train_step
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What `prepare` builds: the run's mesh and task, its optimizer, the state's shardings, and `step`, the jitted
+    train step (state donated) that `train` runs and the benchmarks time."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    task: Task
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    init_rng: jax.Array  # the parameters' initialisation
+    loop_rng: jax.Array  # the state's rng, folded with the step for every step
+    step: Callable[[dict[str, Any], dict[str, jax.Array]], tuple[dict[str, Any], dict[str, jax.Array]]]
+
+    def new_state(self, params: Any) -> dict[str, Any]:
+        """A fresh state holding `params`, placed by the sharding rules."""
+        fn = functools.partial(new_train_state, optimizer=self.optimizer, rng=self.loop_rng)
+        return jax.jit(fn, out_shardings=self.state_shardings)(params)
+
+    def init_state(self) -> dict[str, Any]:
+        """A fresh state with the task's initial parameters, built directly in its shardings."""
+        fn = lambda rng: new_train_state(self.task.init_params(rng), self.optimizer, self.loop_rng)  # noqa: E731
+        return jax.jit(fn, out_shardings=self.state_shardings)(self.init_rng)
+
+    def abstract_state(self) -> Any:
+        """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
+        shapes = jax.eval_shape(lambda rng: new_train_state(self.task.init_params(rng), self.optimizer,
+                                                            self.loop_rng), self.init_rng)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Trainer:
+    """Everything a run needs before its first step; the runs its task requires must have finished."""
+    check_loop_config(config)
+    reuse_freed_host_memory()  # before make_mesh starts JAX's CPU client
+    mesh = make_mesh(**config.mesh.to_dict())
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.devices.size} devices")
+    task = task_class(config.task)(config, workdir, mesh)
+    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    patterns = config.get("trainable")
+    trainable = None if patterns is None else trainable_mask(jax.eval_shape(task.init_params, init_rng), patterns)
+    optimizer = make_optimizer(config.optimizer, config.total_steps, trainable)
+    schedule = make_schedule(config.optimizer, config.total_steps)
+    rules = [tuple(rule) for rule in config.sharding_rules]
+    state_shape = jax.eval_shape(lambda rng: new_train_state(task.init_params(rng), optimizer, loop_rng), init_rng)
+    shardings = tree_shardings(state_shape, mesh, rules)
+    step = jax.jit(build_train_step(task, optimizer, schedule, trainable),
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None), donate_argnums=0)
+    return Trainer(config, mesh, task, optimizer, schedule, shardings, init_rng, loop_rng, step)
+
+
+def train_requirements(config: ml_collections.ConfigDict, *, progress: bool = True) -> None:
+    """Trains (or resumes) every run `config`'s task requires that has not finished."""
+    for requirement in task_class(config.task).requires(config):
+        required = load_config(requirement.config)
+        if latest_step(requirement.workdir) != required.total_steps:
+            print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
+            train(required, requirement.workdir, progress=progress)
 
 
 class _PendingMetrics:
@@ -147,37 +228,22 @@ class _PendingMetrics:
         return [(step, {k: float(v) for k, v in metrics.items()}) for step, metrics in fetched]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, *, stop_at: int | None = None,
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
           progress: bool = True) -> TrainResult:
-    """Trains (or resumes) `config` in `workdir` until `total_steps` (or `stop_at`, for notebooks and tests).
-
-    `task_factory(config, workdir, mesh) -> Task` builds the task; the loop owns everything else.
-    """
+    """Trains (or resumes) `config` in `workdir` until `total_steps` (or `stop_at`, for notebooks and tests),
+    after the runs its task requires."""
     check_loop_config(config)
-    reuse_freed_host_memory()  # before make_mesh starts JAX's CPU client
+    train_requirements(config, progress=progress)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
-    mesh = make_mesh(**config.mesh.to_dict())
-    if config.batch_size % mesh.devices.size:
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.devices.size} devices")
-    task = task_factory(config, workdir, mesh)
-    init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    patterns = config.get("trainable")
-    trainable = None if patterns is None else trainable_mask(jax.eval_shape(task.init_params, init_rng), patterns)
-    optimizer = make_optimizer(config.optimizer, config.total_steps, trainable)
-    schedule = make_schedule(config.optimizer, config.total_steps)
-    rules = [tuple(rule) for rule in config.sharding_rules]
-
-    init_fn = lambda rng: _new_state(task.init_params(rng), optimizer, loop_rng)  # noqa: E731
-    state_shape = jax.eval_shape(init_fn, init_rng)
-    shardings = tree_shardings(state_shape, mesh, rules)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings)
+    trainer = prepare(config, workdir)
+    task = trainer.task
 
     checkpointer = Checkpointer(workdir, config.ckpt_every, config.keep_ckpts)
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(trainer.abstract_state())
     if restored is None:
-        start_step, state = 0, jax.jit(init_fn, out_shardings=shardings)(init_rng)
+        start_step, state = 0, trainer.init_state()
     else:
         start_step, state, meta = restored
         if meta.get("data_position") != start_step:
@@ -186,8 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, 
     log = MetricsLog(workdir, start_step)
     pending = _PendingMetrics()
 
-    step_fn = jax.jit(_make_step(task, optimizer, schedule, trainable), in_shardings=(shardings, batch_sharding(mesh)),
-                      out_shardings=(shardings, None), donate_argnums=0)
+    mesh = trainer.mesh
     batches = task.batches(start_step)
     final_eval: dict[str, float] = {}
     compile_s = train_s = 0.0
@@ -201,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, task_factory, 
             batch = shard_batch(next(batches), mesh)
             if compiled is None:
                 t0 = time.perf_counter()
-                compiled = step_fn.lower(state, batch).compile()
+                compiled = trainer.step.lower(state, batch).compile()
                 compile_s = time.perf_counter() - t0
                 interval_start = time.perf_counter()
             state, metrics = compiled(state, batch)

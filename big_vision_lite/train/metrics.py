@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from big_vision_lite.checkpoints.atomic import write_text_atomic
+from matplotlib.figure import Figure
+
+from big_vision_lite.utils.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -72,13 +74,9 @@ def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], lis
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path, eval_keys: Iterable[str]) -> Path:
     """Training loss (left) and the evaluation metrics `eval_keys` (right) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
     records = read_metrics(metrics_path)
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))  # drawn without pyplot: a notebook's backend and inline plots stay as they are
+    ax_loss, ax_eval = fig.subplots(1, 2)
     ax_loss.plot(*_series(records, "loss"), label="train loss")
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     for key in eval_keys:
@@ -92,6 +90,5 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path, eval_keys: Itera
     png_path = Path(png_path)
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, png_path)
     return png_path

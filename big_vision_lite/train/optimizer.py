@@ -10,6 +10,7 @@ update, and clipping measures the trainable gradients only.
 """
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,11 @@ def check_optimizer_config(config: ml_collections.ConfigDict, total_steps: int) 
         raise ValueError(f"config.optimizer lacks {', '.join(missing)}")
     if not config.lr > 0:
         raise ValueError(f"optimizer.lr must be > 0, got {config.lr}")
-    if not 0 <= config.warmup_steps < total_steps:
-        raise ValueError(f"optimizer.warmup_steps must be in [0, total_steps={total_steps}), got {config.warmup_steps}")
+    if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+        raise ValueError(f"optimizer.warmup_steps must be an int >= 0, got {config.warmup_steps!r}")
+    if config.warmup_steps >= total_steps:
+        warnings.warn(f"optimizer.warmup_steps {config.warmup_steps} >= total_steps {total_steps}: the learning rate "
+                      f"warms up over the first {warmup_steps(config, total_steps)} steps instead", stacklevel=3)
     if not 0 <= config.end_lr_fraction <= 1:
         raise ValueError(f"optimizer.end_lr_fraction must be in [0, 1], got {config.end_lr_fraction}")
     for key in ("b1", "b2"):
@@ -40,10 +44,16 @@ def check_optimizer_config(config: ml_collections.ConfigDict, total_steps: int) 
         raise ValueError(f"optimizer.clip_norm must be > 0 or None, got {config.clip_norm}")
 
 
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """The warmup's length: `optimizer.warmup_steps`, cut to end before the last step in a shorter run (a
+    `--set total_steps=2` smoke run of a config made for thousands of steps)."""
+    return min(config.warmup_steps, max(total_steps - 1, 0))
+
+
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_fraction` at `total_steps`."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps, decay_steps=total_steps,
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup_steps(config, total_steps), decay_steps=total_steps,
         end_value=config.lr * config.end_lr_fraction)
 
 

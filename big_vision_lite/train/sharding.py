@@ -3,7 +3,10 @@
 The mesh has two axes: `data` (pure data parallelism: parameters replicated) and `fsdp` (parameters, gradients and
 optimizer state sharded, batch sharded too). A batch is always split over both axes, so every device sees
 `global_batch / num_devices` examples. Parameters are placed by a table of `(regex, rule)` pairs matched in order
-against their '/'-joined path; the first match wins and unmatched parameters are replicated. A rule is:
+(`re.search`) against their name, the '/'-joined path inside the params tree (`img/Transformer/encoderblock_0/
+MlpBlock_0/Dense_0/kernel`); the first match wins and unmatched parameters are replicated. Optimizer state that
+mirrors a parameter (Adam's moments) is named after that parameter, so it is placed exactly like it; other state
+(step counts, the rng) is named by its path in the state. A rule is:
 
 * `"fsdp"`: shard the parameter's largest axis that the `fsdp` axis size divides (replicate if none does);
 * `"replicate"`: a full copy on every device;
@@ -83,11 +86,23 @@ def spec_for(name: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh: Mes
     return P()
 
 
+def rule_name(path: str, param_names: frozenset[str]) -> str:
+    """The name rules match for the leaf at `path` of a training state: the parameter it is or mirrors (the
+    longest tail of its path that names a parameter, e.g. `opt_state/1/0/mu/img/head/kernel` -> `img/head/kernel`),
+    else the path itself."""
+    parts = path.split("/")
+    return next(("/".join(parts[i:]) for i in range(len(parts)) if "/".join(parts[i:]) in param_names), path)
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule]) -> Any:
-    """A `NamedSharding` for every array leaf of `tree` (params, or a state holding them), by path."""
+    """A `NamedSharding` for every array leaf of `tree`: a params tree, or a training state holding one under
+    `params` (its other leaves follow the parameters they mirror, see `rule_name`)."""
+    params = tree["params"] if isinstance(tree, dict) and "params" in tree else tree
+    param_names = frozenset(path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
     def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        shape = tuple(np.shape(leaf))
-        return NamedSharding(mesh, spec_for(path_name(path), shape, rules, mesh))
+        name = rule_name(path_name(path), param_names)
+        return NamedSharding(mesh, spec_for(name, tuple(np.shape(leaf)), rules, mesh))
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 

@@ -14,8 +14,8 @@ The vision tower is read with or without its `vision_model.` level under either 
 `save_pretrained` writes the legacy root but, its SiglipVisionModel having lost that level, `vision_tower.*`;
 4.52-4.57 held `model.vision_tower.vision_model.*` in memory. What is written is the table above.
 
-Mapping: the vision tower as SigLIP's (checkpoints/siglip.py) -> `img/...`; the projector weight [D, E] and bias
-[D] -> `img/head/{kernel [E, D], bias [D]}`; the decoder as checkpoints/hf.py's -> `llm/...`. The output head is
+Mapping: the vision tower as SigLIP's (hf_siglip.py) -> `img/...`; the projector weight [D, E] and bias
+[D] -> `img/head/{kernel [E, D], bias [D]}`; the decoder as hf_decoder.py's -> `llm/...`. The output head is
 tied to the embedding: a stored lm_head must equal it and is not kept. Conversions are pure transposes and
 reshapes, so HF -> ours -> HF returns the same bytes.
 
@@ -24,39 +24,34 @@ rows (the image token, 257152, is one of the padding rows); transformers' logits
 """
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
-from big_vision_lite.checkpoints import parse_dtype
-from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.checkpoints.hf import (
+from big_vision_lite.checkpoints.files import (
     CheckpointError,
     check_tensor_shapes,
+    read_folder_tensors,
+    read_hf_config,
+    write_hf_folder,
+)
+from big_vision_lite.checkpoints.hf_decoder import (
     config_from_hf,
     config_to_hf,
     expected_hf_shapes,
     params_from_hf,
     params_to_hf,
-    read_folder_tensors,
-    read_hf_config,
 )
-from big_vision_lite.checkpoints.siglip import (
+from big_vision_lite.checkpoints.hf_siglip import (
     expected_vision_shapes,
     vision_config_from_hf,
     vision_config_to_hf,
     vision_params_from_hf,
     vision_params_to_hf,
 )
-from big_vision_lite.models.gemma import stack_layers, unstack_layers
-from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig
-from big_vision_lite.models.vit import relayout_encoder
+from big_vision_lite.models.paligemma import PaliGemmaConfig
 
 TEXT_MODEL_TYPES = ("gemma", "gemma2")  # PaliGemma 1 and PaliGemma 2
 
@@ -192,8 +187,8 @@ def check_paligemma_state(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig,
 
 def paligemma_params_from_hf(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, source: str = "state dict",
                              where: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Our params {img, llm} (dtype as stored; ViT blocks as `cfg.vision.scan` asks, decoder layers stacked) from
-    an HF PaliGemma state dict in either layout, checked first."""
+    """Our params {img, llm} (dtype as stored; ViT blocks and decoder layers unrolled) from an HF PaliGemma state
+    dict in either layout, checked first."""
     layout = detect_layout(state, source)
     check_paligemma_state(state, cfg, layout, source, where)
     img = vision_params_from_hf(state, cfg.vision, layout.vision)
@@ -213,23 +208,7 @@ def paligemma_params_to_hf(params: Mapping[str, Any], cfg: PaliGemmaConfig,
     state = vision_params_to_hf(img, cfg.vision, names.vision)
     state[f"{names.projector}weight"] = np.ascontiguousarray(np.asarray(img["head"]["kernel"]).T)
     state[f"{names.projector}bias"] = np.ascontiguousarray(np.asarray(img["head"]["bias"]))
-    llm = params["llm"]
-    if "layers" not in llm:
-        llm = stack_layers(llm, cfg.llm.depth)
-    return state | params_to_hf(llm, cfg.llm, names.llm)
-
-
-def relayout_paligemma_params(params: Mapping[str, Any], cfg: PaliGemmaConfig, scan_layers: bool) -> dict[str, Any]:
-    """Params in whichever block layouts they come, returned as a `PaliGemma(cfg, scan_layers=...)` expects:
-    ViT blocks stacked iff `cfg.vision.scan`, decoder layers stacked iff `scan_layers`."""
-    img = {**params["img"], "Transformer": relayout_encoder(params["img"]["Transformer"], cfg.vision.depth,
-                                                            cfg.vision.scan)}
-    llm = params["llm"]
-    if scan_layers and "layers" not in llm:
-        llm = stack_layers(llm, cfg.llm.depth)
-    elif not scan_layers and "layers" in llm:
-        llm = unstack_layers(llm, cfg.llm.depth)
-    return {**params, "img": img, "llm": llm}
+    return state | params_to_hf(params["llm"], cfg.llm, names.llm)
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -246,32 +225,9 @@ def read_paligemma_hf(folder: str | Path) -> tuple[PaliGemmaConfig, dict[str, An
     return cfg, paligemma_params_from_hf(state, cfg, source, where), hf
 
 
-def load_paligemma(
-    folder: str | Path,
-    dtype: str = "float32",
-    scan_layers: bool = True,
-    **module_kwargs: Any,
-) -> tuple[PaliGemma, dict[str, Any], PaliGemmaConfig]:
-    """(PaliGemma module, params on device in `dtype`, config) of an HF PaliGemma folder.
-
-    Every parameter and the compute of both towers are in `dtype` (as transformers holds a model loaded in it);
-    ViT blocks and decoder layers are both stacked (`scan_layers`) or both unrolled.
-    """
-    compute = parse_dtype(dtype)
-    cfg, params, _ = read_paligemma_hf(folder)
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=scan_layers, dtype=dtype))
-    params = relayout_paligemma_params(params, cfg, scan_layers)
-    params = jax.tree.map(lambda a: jnp.asarray(a, compute), params)
-    module = PaliGemma(cfg, dtype=compute, param_dtype=compute, scan_layers=scan_layers, **module_kwargs)
-    return module, params, cfg
-
-
 def save_paligemma_hf(folder: str | Path, cfg: PaliGemmaConfig, params: Mapping[str, Any], layout: str = "legacy",
                       hf_config: Mapping[str, Any] | None = None) -> Path:
     """Writes config.json and model.safetensors (tensors as given, names per `layout`); the folder appears only
     once complete. `hf_config` (e.g. the original config.json) is written instead of the one derived from `cfg`."""
     state = paligemma_params_to_hf(params, cfg, layout)
-    with atomic_folder(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dict(hf_config or paligemma_config_to_hf(cfg)), indent=2))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return Path(folder)
+    return write_hf_folder(folder, hf_config or paligemma_config_to_hf(cfg), state)

@@ -68,3 +68,18 @@ def timed() -> Iterator[Timing]:
     finally:
         timing.total_s = time.perf_counter() - start
         timing.compile_s = spans.seconds_since()
+
+
+class Stopwatch:
+    """Wall seconds of named steps: `with watch("load"): ...` records `watch.seconds["load"]` (rounded to ms)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)

@@ -5,7 +5,7 @@
 * HF folder: `tokenizer.json` through the Rust `tokenizers` library (preferred), else `tokenizer.model` through
   `sentencepiece`. Special tokens and whether a BOS is added come from `tokenizer_config.json`,
   `special_tokens_map.json`, `config.json` and `generation_config.json`, where present.
-* GGUF file: the tokenizer is built from the file's metadata (`checkpoints.gguf_tokenizer`, the same
+* GGUF file: the tokenizer is built from the file's metadata (`checkpoints.gguf.tokenizer`, the same
   tokenizer transformers builds for it) and cached as an HF tokenizer folder under
   `cache_dir()/tokenizers`, rebuilt when the file or the converter changes. For Gemma 3 (262k tokens) the first
   load, building, takes about 2 s and later ones, parsing the cached `tokenizer.json`, about 1 s; transformers
@@ -26,18 +26,19 @@ from typing import Any, Protocol
 
 import tokenizers
 
-from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.checkpoints.gguf import CONVERTER_VERSION, is_conversion_current
-from big_vision_lite.checkpoints.gguf_tokenizer import (
+from big_vision_lite.checkpoints.gguf.convert import CONVERTER_VERSION, is_conversion_current
+from big_vision_lite.checkpoints.gguf.reader import read_gguf_metadata
+from big_vision_lite.checkpoints.gguf.tokenizer import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     build_gguf_tokenizer,
     has_tokenizer,
-    read_gguf_metadata,
     special_tokens_template,
     write_tokenizer_files,
 )
-from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, cache_dir, packaged_gguf_path
+from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, converted_folder, packaged_gguf_path
+from big_vision_lite.utils.atomic import atomic_folder
+from big_vision_lite.utils.paths import cache_dir
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 _CACHE_MARKER = "bvl_tokenizer.json"
@@ -126,6 +127,11 @@ class Tokenizer:
         )
 
 
+def has_tokenizer_files(folder: str | os.PathLike[str]) -> bool:
+    """Whether an HF folder holds tokenizer files `load_tokenizer` reads."""
+    return any((Path(folder) / name).is_file() for name in (TOKENIZER_FILE, SENTENCEPIECE_FILE))
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer of a packaged model name, a `.gguf` file, or an HF folder (`tokenizer.json` or `tokenizer.model`).
 
@@ -144,7 +150,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Tokenizer:
     name = str(name_or_path)
     if name in PACKAGED_MODELS:
         gguf_path = packaged_gguf_path(name)
-        converted = cache_dir() / "models" / name
+        converted = converted_folder(name)
         if is_conversion_current(converted, gguf_path) and (converted / TOKENIZER_FILE).is_file():
             return _load_folder(converted)
         return _load_gguf(gguf_path)

@@ -21,15 +21,20 @@ import gguf
 import numpy as np
 from safetensors.numpy import save_file
 
-from big_vision_lite.checkpoints.atomic import atomic_folder
+from big_vision_lite.checkpoints.gguf import tokenizer as gguf_tokenizer
+from big_vision_lite.checkpoints.gguf.reader import (
+    GGUFConversionError,
+    metadata_value,
+    open_reader,
+    read_gguf_metadata,
+)
+from big_vision_lite.utils.atomic import atomic_folder
 
 # Bump whenever the output of the conversion (weights, config or tokenizer files) changes, so that caches written by
 # older code are rebuilt. 2: tokenizer files.
 CONVERTER_VERSION = 2
 MARKER_FILE = "bvl_conversion.json"
 WEIGHTS_FILE = "model.safetensors"
-
-_GGUF_MAGIC = b"GGUF"
 
 # GGUF leaf name -> transformers leaf name, for the tensors inside `blk.N.` / `model.layers.N.`.
 _LLAMA_LAYER_NAMES = {
@@ -72,10 +77,6 @@ _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 _GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every 6th layer attends globally
 
 
-class GGUFConversionError(ValueError):
-    """The GGUF file cannot be converted: not GGUF, truncated, or holding something we cannot map."""
-
-
 class UnsupportedArchitectureError(GGUFConversionError):
     """The GGUF file's `general.architecture` is not one this converter handles."""
 
@@ -87,19 +88,16 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
-    reader = _open_reader(gguf_path)
-    architecture = _metadata(reader, "general.architecture", gguf_path)
+    reader = open_reader(gguf_path)
+    architecture = metadata_value(reader, "general.architecture", gguf_path)
     if architecture not in _ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{gguf_path}: GGUF architecture {architecture!r} is not supported; supported: {sorted(_ARCHITECTURES)}"
         )
     config_builder, layer_names, transform = _ARCHITECTURES[architecture]
     config = config_builder(reader, gguf_path)
-    # Before the tensors, so an unsupported tokenizer fails fast. Imported here: gguf_tokenizer builds on this
-    # module's errors and header check.
-    from big_vision_lite.checkpoints import gguf_tokenizer
-
-    metadata = gguf_tokenizer.read_gguf_metadata(gguf_path)
+    # Before the tensors, so an unsupported tokenizer fails fast.
+    metadata = read_gguf_metadata(gguf_path)
     tokenizer = None
     if gguf_tokenizer.has_tokenizer(metadata):  # weights-only files describe none
         tokenizer = gguf_tokenizer.build_gguf_tokenizer(metadata, gguf_path)
@@ -128,42 +126,6 @@ def is_conversion_current(out_dir: str | Path, gguf_path: str | Path) -> bool:
 
 def _source_identity(gguf_path: Path) -> dict[str, Any]:
     return {"source_name": gguf_path.name, "source_size": gguf_path.stat().st_size}
-
-
-def check_gguf_magic(gguf_path: Path) -> None:
-    """Raises GGUFConversionError unless the file starts with the GGUF magic (FileNotFoundError if missing)."""
-    size = gguf_path.stat().st_size  # raises FileNotFoundError for a missing file, which says it all
-    with gguf_path.open("rb") as f:
-        magic = f.read(len(_GGUF_MAGIC))
-    if size == 0:
-        raise GGUFConversionError(f"{gguf_path}: file is empty, not a GGUF file")
-    if len(magic) < len(_GGUF_MAGIC) and _GGUF_MAGIC.startswith(magic):
-        raise GGUFConversionError(f"{gguf_path}: truncated GGUF file ({size} bytes, cut inside the magic)")
-    if magic != _GGUF_MAGIC:
-        raise GGUFConversionError(f"{gguf_path}: not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r})")
-
-
-def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
-    check_gguf_magic(gguf_path)
-    size = gguf_path.stat().st_size
-    try:
-        # GGUFReader maps the file and reshapes views of it for every field and tensor, so a short file
-        # (cut anywhere, down to the last tensor's last byte) fails here, with a bare numpy message.
-        return gguf.GGUFReader(gguf_path)
-    except (ValueError, IndexError, KeyError) as e:
-        raise GGUFConversionError(f"{gguf_path}: truncated or corrupt GGUF file ({size} bytes): {e}") from e
-
-
-_MISSING = object()
-
-
-def _metadata(reader: gguf.GGUFReader, key: str, gguf_path: Path, default: Any = _MISSING) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        if default is _MISSING:
-            raise GGUFConversionError(f"{gguf_path}: GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
 
 
 def _convert_tensors(
@@ -197,8 +159,8 @@ def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str | None:
 
 
 def _common_config(reader: gguf.GGUFReader, gguf_path: Path, arch: str) -> dict[str, Any]:
-    def key(name: str, default: Any = _MISSING) -> Any:
-        return _metadata(reader, f"{arch}.{name}", gguf_path, default)
+    def key(name: str, *default: Any) -> Any:
+        return metadata_value(reader, f"{arch}.{name}", gguf_path, *default)
 
     hidden_size = key("embedding_length")
     num_heads = key("attention.head_count")
@@ -225,9 +187,9 @@ def _common_config(reader: gguf.GGUFReader, gguf_path: Path, arch: str) -> dict[
         "max_position_embeddings": key("context_length"),
         # llama.cpp writes the output projection only when it is not the embedding matrix.
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _metadata(reader, "tokenizer.ggml.bos_token_id", gguf_path, None),
-        "eos_token_id": _metadata(reader, "tokenizer.ggml.eos_token_id", gguf_path, None),
-        "pad_token_id": _metadata(reader, "tokenizer.ggml.padding_token_id", gguf_path, None),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id", gguf_path, None),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id", gguf_path, None),
+        "pad_token_id": metadata_value(reader, "tokenizer.ggml.padding_token_id", gguf_path, None),
         "dtype": "float32",
     }
 
@@ -241,14 +203,15 @@ def _llama_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": _metadata(reader, "llama.rope.freq_base", gguf_path)},
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": metadata_value(reader, "llama.rope.freq_base", gguf_path)},
     }
 
 
 def _gemma3_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
     common = _common_config(reader, gguf_path, "gemma3")
     num_layers = common["num_hidden_layers"]
-    global_theta = _metadata(reader, "gemma3.rope.freq_base", gguf_path)
+    global_theta = metadata_value(reader, "gemma3.rope.freq_base", gguf_path)
     layer_types = [
         "full_attention" if (i + 1) % _GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
         for i in range(num_layers)
@@ -260,7 +223,7 @@ def _gemma3_config(reader: gguf.GGUFReader, gguf_path: Path) -> dict[str, Any]:
         "hidden_activation": "gelu_pytorch_tanh",
         # llama.cpp scales queries by 1/sqrt(head_dim) (all sizes but 27B, whose GGUF we do not ship).
         "query_pre_attn_scalar": common["head_dim"],
-        "sliding_window": _metadata(reader, "gemma3.attention.sliding_window", gguf_path),
+        "sliding_window": metadata_value(reader, "gemma3.attention.sliding_window", gguf_path),
         "layer_types": layer_types,
         "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": global_theta},

@@ -1,6 +1,6 @@
 """SigLIP from scratch on the generated shapes dataset: held-out i2t top-1 >= 0.9 within 300 s on 2 CPU cores.
 
-    bvl train configs/siglip_shapes.py --workdir W [--set key=value ...]
+    bvl train siglip_shapes --workdir W [--set key=value ...]
 
 The evaluation split holds (colour, shape) pairs never seen in training, so retrieval there measures
 composition, not memory. `get_config("demo")` is the minute-long run of `bvl demo`; `get_config("smoke")` a
@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(
         image=dict(width=128, depth=3, mlp_dim=256, num_heads=4, patch_size=8, pool_type="map"),
         text=dict(width=128, depth=2, mlp_dim=256, num_heads=4),
-        out_dim=(None, 128), temperature_init=10.0, bias_init=-10.0, dtype="float32", scan=False, remat=False)
+        out_dim=(None, 128), temperature_init=10.0, bias_init=-10.0, dtype="float32", scan_layers=False,
+        remat_policy=None)
     c.loss = dict(impl="dense", block_size=128)
     c.optimizer = dict(lr=1e-3, warmup_steps=100, end_lr_fraction=0.01, weight_decay=1e-4, b1=0.9, b2=0.95,
                        clip_norm=1.0)

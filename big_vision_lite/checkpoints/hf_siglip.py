@@ -26,25 +26,27 @@ HF layouts (torch Linear weight is [out, in], Conv2d is OIHW [D, 3, p, p]) and o
 HF's vision tower has no linear head: its embedding width is the vision width, and SiglipModel needs the text
 `projection_size` to equal it. With `vision_use_head: false` the MAP head is absent (PaliGemma's tower): the
 folder converts (pool_type "none"), but transformers 5.23's SiglipModel.forward cannot run it (pooler_output is
-None and it fails normalising it), so only the towers' features are comparable then (see siglip_parity.py).
+None and it fails normalising it), so only the towers' features are comparable then (see parity/siglip.py).
 
 Conversions are pure transposes and reshapes, so HF -> ours -> HF returns the same bytes.
 """
 
-import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.checkpoints.hf import CheckpointError, check_tensor_shapes, read_folder_tensors, read_hf_config
+from big_vision_lite.checkpoints.files import (
+    CheckpointError,
+    check_tensor_shapes,
+    read_folder_tensors,
+    read_hf_config,
+    write_hf_folder,
+)
 from big_vision_lite.models.text import TextConfig
-from big_vision_lite.models.two_towers import TwoTowers, TwoTowersConfig, relayout_params
-from big_vision_lite.models.vit import ViTConfig, relayout_encoder, stack_encoder_blocks
+from big_vision_lite.models.two_towers import TwoTowersConfig, relayout_two_towers
+from big_vision_lite.models.vit import ViTConfig, relayout_vit
 
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # all tanh-approximated GELU in transformers
 
@@ -278,8 +280,8 @@ def _encoder_from_hf(state: Mapping[str, np.ndarray], prefix: str, depth: int, n
 
 def vision_params_from_hf(state: Mapping[str, np.ndarray], img_cfg: ViTConfig,
                           prefix: str = "vision_model.") -> dict[str, Any]:
-    """Our ViT params (no `head`; block layout as `img_cfg.scan` asks) from the HF vision tower under `prefix`.
-    The caller checks the state first (names and shapes)."""
+    """Our ViT params (no `head`; blocks unrolled) from the HF vision tower under `prefix`. The caller checks the
+    state first (names and shapes)."""
     v = prefix
     conv = state[f"{v}embeddings.patch_embedding.weight"]  # [D, 3, p, p]
     img: dict[str, Any] = {
@@ -299,13 +301,11 @@ def vision_params_from_hf(state: Mapping[str, np.ndarray], img_cfg: ViTConfig,
             "LayerNorm_0": _ln(state, f"{h}layernorm"),
             "MlpBlock_0": {"Dense_0": _dense(state, f"{h}mlp.fc1"), "Dense_1": _dense(state, f"{h}mlp.fc2")},
         }
-    if img_cfg.scan:
-        img["Transformer"] = stack_encoder_blocks(img["Transformer"], img_cfg.depth)
     return img
 
 
 def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict[str, Any]:
-    """Our params (block layout as `cfg` asks, dtype as stored) from an HF SiglipModel state dict (checked)."""
+    """Our params (blocks unrolled, dtype as stored) from an HF SiglipModel state dict (checked)."""
     check_siglip_state(state, cfg)
     txt_cfg = cfg.text
     img = vision_params_from_hf(state, cfg.image)
@@ -316,10 +316,7 @@ def siglip_params_from_hf(state: Mapping[str, np.ndarray], cfg: TwoTowersConfig)
         "Encoder_0": _encoder_from_hf(state, t, txt_cfg.depth, txt_cfg.num_heads, f"{t}final_layer_norm"),
         "head": _dense(state, f"{t}head"),
     }
-    params = {"img": img, "txt": txt, "t": state["logit_scale"], "b": state["logit_bias"]}
-    if txt_cfg.scan:
-        txt["Encoder_0"] = stack_encoder_blocks(txt["Encoder_0"], txt_cfg.depth)
-    return params
+    return {"img": img, "txt": txt, "t": state["logit_scale"], "b": state["logit_bias"]}
 
 
 def _np(a: Any) -> np.ndarray:
@@ -366,7 +363,7 @@ def vision_params_to_hf(img: Mapping[str, Any], img_cfg: ViTConfig,
     """The HF vision tower tensors under `prefix` of our ViT params (either block layout; a `head` is left out);
     the exact inverse of `vision_params_from_hf`."""
     v = prefix
-    img = {**img, "Transformer": relayout_encoder(img["Transformer"], img_cfg.depth, scan=False)}
+    img = relayout_vit(img, img_cfg, scan_layers=False)
     state = {
         f"{v}embeddings.patch_embedding.weight": _np(np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1)),
         f"{v}embeddings.patch_embedding.bias": _np(img["embedding"]["bias"]),
@@ -391,11 +388,9 @@ def vision_params_to_hf(img: Mapping[str, Any], img_cfg: ViTConfig,
 def siglip_params_to_hf(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict[str, np.ndarray]:
     """The HF SiglipModel state dict of our params (either block layout); the exact inverse of the above."""
     siglip_config_to_hf(cfg)  # raises if HF cannot express the model
-    unrolled = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, scan=False),
-                                   text=dataclasses.replace(cfg.text, scan=False))
-    params = relayout_params(params, unrolled)
+    params = relayout_two_towers(params, cfg, scan_layers=False)
     txt, t = params["txt"], "text_model."
-    state = vision_params_to_hf(params["img"], unrolled.image)
+    state = vision_params_to_hf(params["img"], cfg.image)
     state |= {
         f"{t}embeddings.token_embedding.weight": _np(txt["Embed_0"]["embedding"]),
         f"{t}embeddings.position_embedding.weight": _np(np.asarray(txt["pos_embedding"])[0]),
@@ -410,40 +405,19 @@ def siglip_params_to_hf(params: Mapping[str, Any], cfg: TwoTowersConfig) -> dict
 # ---------------------------------------------------------------------------------------------- files
 
 
-def read_siglip_hf(folder: str | Path) -> tuple[TwoTowersConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """(config, checked HF state dict, raw config.json dict) of a SiglipModel folder."""
+def read_siglip_hf(folder: str | Path) -> tuple[TwoTowersConfig, dict[str, Any], dict[str, Any]]:
+    """(config, params (blocks unrolled, dtype as stored), raw config.json) of an HF SiglipModel folder, every
+    tensor checked."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     cfg = siglip_config_from_hf(hf, str(folder / "config.json"))
     state, where = read_folder_tensors(folder)
     check_siglip_state(state, cfg, str(folder), where)
-    return cfg, state, hf
-
-
-def load_siglip_hf(
-    folder: str | Path,
-    *,
-    scan: bool | None = None,
-    remat: bool | None = None,
-    dtype: str | None = None,
-    return_hidden: bool = False,
-) -> tuple[TwoTowers, dict[str, Any]]:
-    """(TwoTowers module, params) of an HF SiglipModel folder; params are numpy arrays as stored (float32 for
-    HF's usual checkpoints), in the block layout `scan` asks for. `dtype` is the compute dtype of both towers.
-    The config is `module.config`."""
-    cfg, state, _ = read_siglip_hf(folder)
-    for tower in ("image", "text"):
-        overrides = {k: v for k, v in (("scan", scan), ("remat", remat), ("dtype", dtype)) if v is not None}
-        cfg = dataclasses.replace(cfg, **{tower: dataclasses.replace(getattr(cfg, tower), **overrides)})
-    return TwoTowers(cfg, return_hidden=return_hidden), siglip_params_from_hf(state, cfg)
+    return cfg, siglip_params_from_hf(state, cfg), hf
 
 
 def save_siglip_hf(folder: str | Path, cfg: TwoTowersConfig, params: Mapping[str, Any],
                    hf_config: Mapping[str, Any] | None = None) -> Path:
-    """Writes config.json and model.safetensors (float tensors as given); the folder appears only once complete.
-    `hf_config` (e.g. the original config.json) is written instead of the one derived from `cfg`."""
-    state = siglip_params_to_hf(params, cfg)
-    with atomic_folder(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dict(hf_config or siglip_config_to_hf(cfg)), indent=2))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return Path(folder)
+    """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors (float tensors as
+    given)."""
+    return write_hf_folder(folder, hf_config or siglip_config_to_hf(cfg), siglip_params_to_hf(params, cfg))

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision_lite import attention_stats as stats
-from big_vision_lite.checkpoints import load_decoder
+from big_vision_lite.checkpoints import load
 from big_vision_lite.cli import main
-from big_vision_lite.generate import greedy
-from big_vision_lite.inspect_attention import capture_generation
-from big_vision_lite.models.gemma import positions_from_mask, prefill_mask
-from big_vision_lite.parity import parity_batch
+from big_vision_lite.decoding import attention_stats as stats
+from big_vision_lite.decoding.engine import generate
+from big_vision_lite.decoding.inspect import capture_generation
+from big_vision_lite.models.masks import positions_from_mask, prefill_mask
+from big_vision_lite.parity.decoder import parity_batch
 
 NEW = 6
 
@@ -20,14 +20,15 @@ NEW = 6
 @pytest.fixture(scope="module")
 def captured(tiny_checkpoints):
     """The tiny Gemma 3 (sliding and full layers, GQA) on 2 rows, the second left-padded, with all layers kept."""
-    module, params, cfg = load_decoder(tiny_checkpoints["gemma3"])
-    tokens, mask = parity_batch(cfg.vocab_size, 12)
+    loaded = load(tiny_checkpoints["gemma3"])
+    module, params = loaded.module, loaded.params
+    tokens, mask = parity_batch(loaded.config.vocab_size, 12)
     return module, params, tokens, mask, capture_generation(module, params, tokens, mask, NEW)
 
 
 def test_greedy_ids_equal_generate(captured):
     module, params, tokens, mask, capture = captured
-    np.testing.assert_array_equal(capture.tokens, greedy(module, params, tokens, mask, NEW))
+    np.testing.assert_array_equal(capture.tokens, generate(module, params, tokens, mask, NEW).tokens)
 
 
 def test_probabilities_equal_a_teacher_forced_forward(captured):
@@ -100,11 +101,10 @@ def test_cli_inspect_writes_summary_and_plots(tiny_with_tokenizer, tmp_path, cap
     assert summary["per_layer"][1]["sink_share_prefill"] > 0  # layer 2 is global: every query sees position 0
 
     # The ids are `generate`'s greedy ids of the tokenized prompt.
-    from big_vision_lite.tokenizer import load_tokenizer
-
-    module, params, _ = load_decoder(tiny_with_tokenizer)
-    ids = np.array([load_tokenizer(tiny_with_tokenizer).encode("the quick brown fox jumps")])
-    assert summary["generated_tokens"] == greedy(module, params, ids, np.ones_like(ids, bool), 10)[0].tolist()
+    loaded = load(tiny_with_tokenizer)
+    ids = np.array([loaded.tokenizer.encode("the quick brown fox jumps")])
+    expected = generate(loaded.module, loaded.params, ids, np.ones_like(ids, bool), 10).tokens
+    assert summary["generated_tokens"] == expected[0].tolist()
 
 
 def test_cli_inspect_input_errors(tiny_with_tokenizer, tmp_path, capsys):

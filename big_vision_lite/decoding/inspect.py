@@ -3,15 +3,14 @@
 Axis letters: L captured layers, B batch, N query heads, K kv heads, T prompt tokens, M decode steps (new tokens),
 S = T + M cache slots, H head dim.
 
-`capture_generation` prefills the prompt with a Decoder that returns its probabilities ([L, B, N, T, T]), then
-decodes `max_new_tokens` greedy ids in ONE jitted `jax.lax.scan` over the fixed-capacity cache (no early stop),
-exactly as `generate` does (same masks from stored positions, same unrolled layers). Each step's scan output
-holds the chosen layers' reduced statistics — top-p membership [L, B, N, S], set size [L, B, N], sink mass
-[L, B, N] — and, with `keep_probs`, their probabilities [L, B, N, S]; no Python runs per step.
+`capture_generation` runs the decoding engine (`engine.decode`: the prefill, then the jitted decode loop that
+`generate` runs, no early stop) with a Decoder that returns its probabilities, and an `AttentionRecord` that
+reduces every step's attention on the device: the chosen layers' top-p membership [L, B, N, S], set size
+[L, B, N], sink mass [L, B, N] and, with `keep_probs`, their probabilities [L, B, N, S]; no Python runs per step.
 
 `write_report` turns a capture into `summary.json` and PNG plots: the prompt's attention per layer and head, a
 key x decode-step map of top-p membership, the top-p set size over the steps, and forgotten / revived counts per
-layer and head (definitions in `big_vision_lite.attention_stats`).
+layer and head (definitions in `decoding.attention_stats`).
 """
 
 import dataclasses
@@ -24,12 +23,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib.colors
+import matplotlib.ticker
 import numpy as np
+from matplotlib.figure import Figure
 
-from big_vision_lite import attention_stats as stats
-from big_vision_lite.generate import GREEDY, check_prompts, decode_step, make_apply
-from big_vision_lite.models.gemma import KVCache, positions_from_mask, prefill_mask
-from big_vision_lite.samplers import sample
+from big_vision_lite.decoding import attention_stats as stats
+from big_vision_lite.decoding.engine import check_prompts, decode
+from big_vision_lite.models.cache import KVCache
+from big_vision_lite.models.masks import positions_from_mask
 
 MAX_PLOTTED_LAYERS = 6  # panels of the per-layer plots; more captured layers are subsampled evenly
 MAX_PLOTTED_HEADS = 12
@@ -91,32 +93,24 @@ def check_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
     return layers
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
-def _capture_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCache, key_valid: jax.Array,
-                  position: jax.Array, max_new_tokens: int, layers: tuple[int, ...], p: float, num_sinks: int,
-                  keep_probs: bool) -> tuple[dict[str, jax.Array], KVCache]:
-    """Feeds `first` [B], then each greedy id, for `max_new_tokens` steps; returns the per-step outputs and cache.
+@dataclasses.dataclass(frozen=True)
+class AttentionRecord:
+    """What the decode loop keeps of each step (hashable: the jitted loop specialises on it): the `layers`'
+    top-p membership of the new query over every key slot, the set sizes, the sink mass and, with `keep_probs`,
+    the probabilities."""
 
-    Each step is `generate.decode_step` (as in `generate`'s loop, without the early stop); the logits give the
-    next id.
-    """
-    chosen = np.asarray(layers)
+    layers: tuple[int, ...]
+    p: float
+    num_sinks: int
+    keep_probs: bool
 
-    def body(carry: tuple, _: None) -> tuple[tuple, dict[str, jax.Array]]:
-        token, cache, key_valid, position = carry
-        logits, cache, key_valid, out = decode_step(module, params, token, cache, key_valid, position)
-        key_positions = cache.positions  # [B, S], this step's position written
-        probs = out["attn_probs"][chosen, :, :, 0]  # [L, B, N, S]
-        ys = {"token": token, "member": stats.top_p_mask(probs, p), "set_size": stats.top_p_size(probs, p),
-              "sink_mass": stats.sink_mass(probs, num_sinks, key_positions[:, None, :])}
-        if keep_probs:
+    def __call__(self, out: dict[str, Any], cache: KVCache) -> dict[str, jax.Array]:
+        probs = out["attn_probs"][np.asarray(self.layers), :, :, 0]  # [L, B, N, S]
+        ys = {"member": stats.top_p_mask(probs, self.p), "set_size": stats.top_p_size(probs, self.p),
+              "sink_mass": stats.sink_mass(probs, self.num_sinks, cache.positions[:, None, :])}
+        if self.keep_probs:
             ys["probs"] = probs
-        next_token = sample(logits[:, -1], jax.random.key(0), GREEDY)  # greedy: the key is unused
-        return (next_token, cache, key_valid, position + 1), ys
-
-    cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))  # per-layer buffers, updated in place
-    (_, cache, _, _), ys = jax.lax.scan(body, (first, cache, key_valid, position + 1), None, length=max_new_tokens)
-    return ys, cache._replace(k=jnp.stack([cache.k[i] for i in layers]), v=jnp.stack([cache.v[i] for i in layers]))
+        return ys
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -151,28 +145,20 @@ def capture_generation(
     tokens, input_mask = check_prompts(tokens, input_mask)
     check_settings(max_new_tokens, p, num_sinks)
     layers = check_layers(layers, module.configs[0].depth)
-
-    module, params = module.for_decoding(params)
-    module = module.clone(return_probs=True)
+    record = AttentionRecord(layers, float(p), int(num_sinks), bool(keep_probs))
+    decoded = decode(module.clone(return_probs=True), params, tokens, input_mask, max_new_tokens, record=record)
     mask = jnp.asarray(input_mask)
-    positions = positions_from_mask(mask)
-    logits, cache, out = make_apply(module)(params, jnp.asarray(tokens), positions, prefill_mask(mask), None,
-                                            last_logits_only=True)
-    prefill = _reduce_prefill(out["attn_probs"][np.asarray(layers)], p, num_sinks, mask, positions)
-    first = sample(logits[:, -1], jax.random.key(0), GREEDY)
-    prompt_len = tokens.shape[1]
-    capacity = prompt_len + max_new_tokens
-    key_valid = jnp.pad(mask, [(0, 0), (0, max_new_tokens)])  # [B, S]
-    ys, cache = _capture_loop(module, params, first, cache.with_capacity(capacity), key_valid, positions[:, -1:],
-                              max_new_tokens, layers, float(p), int(num_sinks), bool(keep_probs))
-    key_positions = np.asarray(cache.positions)
+    prefill = _reduce_prefill(decoded.prefill["attn_probs"][np.asarray(layers)], float(p), int(num_sinks), mask,
+                              positions_from_mask(mask))
+    ys, cache = decoded.records, decoded.cache
+    chosen = np.asarray(layers)
     return Capture(
-        prompt_tokens=tokens, input_mask=input_mask, tokens=np.asarray(ys["token"]).T, layers=layers, p=float(p),
-        num_sinks=int(num_sinks), key_positions=key_positions,
+        prompt_tokens=tokens, input_mask=input_mask, tokens=np.asarray(decoded.tokens), layers=layers, p=float(p),
+        num_sinks=int(num_sinks), key_positions=np.asarray(cache.positions),
         key_valid=np.pad(input_mask, [(0, 0), (0, max_new_tokens)], constant_values=True),
         prefill_member=np.asarray(prefill["member"]), prefill_sink_mass=np.asarray(prefill["sink_mass"]),
         step_member=np.asarray(ys["member"]), step_set_size=np.asarray(ys["set_size"]),
-        step_sink_mass=np.asarray(ys["sink_mass"]), k=np.asarray(cache.k), v=np.asarray(cache.v),
+        step_sink_mass=np.asarray(ys["sink_mass"]), k=np.asarray(cache.k[chosen]), v=np.asarray(cache.v[chosen]),
         prefill_probs=np.asarray(prefill["probs"]) if keep_probs else None,
         step_probs=np.asarray(ys["probs"]) if keep_probs else None,
     )
@@ -249,11 +235,6 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     (per plotted layer, key slot x decode step, coloured by how many heads hold the key), `top_p_set_size.png`
     (mean set size over heads per decode step) and `forgotten_revived.png` ([L, N] counts).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(capture, look_back=look_back, similarity_threshold=similarity_threshold, row=row)
@@ -269,7 +250,7 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     kept = capture.prefill_probs is not None
     maps = capture.prefill_probs if kept else capture.prefill_member.astype(np.float32)
     norm = matplotlib.colors.PowerNorm(0.4, vmin=0, vmax=1) if kept else matplotlib.colors.Normalize(0, 1)
-    fig, axes = plt.subplots(len(plotted), len(heads), figsize=(1.6 * len(heads) + 1, 1.6 * len(plotted) + 0.8),
+    fig, axes = _figure(len(plotted), len(heads), figsize=(1.6 * len(heads) + 1, 1.6 * len(plotted) + 0.8),
                              squeeze=False)
     for r, i in enumerate(plotted):
         for c, h in enumerate(heads):
@@ -287,7 +268,7 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     files.append(_save(fig, out / "prompt_attention.png"))
 
     valid = capture.key_valid[row]
-    fig, axes = plt.subplots(1, len(plotted), figsize=(3.2 * len(plotted), 3.6), squeeze=False)
+    fig, axes = _figure(1, len(plotted), figsize=(3.2 * len(plotted), 3.6), squeeze=False)
     for c, i in enumerate(plotted):
         heads_holding = capture.step_member[:, i, row].sum(1)[:, valid].T  # [S', M]
         ax = axes[0, c]
@@ -304,7 +285,7 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     fig.tight_layout()
     files.append(_save(fig, out / "top_p_membership.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure(figsize=(7, 4))
     steps = np.arange(capture.tokens.shape[1])
     for i in plotted:
         ax.plot(steps, capture.step_set_size[:, i, row].mean(-1), label=f"layer {capture.layers[i]}")
@@ -316,7 +297,7 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     fig.tight_layout()
     files.append(_save(fig, out / "top_p_set_size.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 0.8 * num_heads, 1.5 + 0.22 * num_layers), squeeze=False)
+    fig, axes = _figure(1, 2, figsize=(3 + 0.8 * num_heads, 1.5 + 0.22 * num_layers), squeeze=False)
     for ax, name in zip(axes[0], ("forgotten", "revived"), strict=True):
         counts = arrays[name]  # [L, N]
         image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -342,9 +323,13 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
     return summary
 
 
-def _save(fig: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
+def _figure(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, drawn without pyplot: nothing touches the session's backend (a notebook keeps
+    showing its plots inline)."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(rows, cols, **kwargs)
 
+
+def _save(fig: Figure, path: Path) -> str:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path.name

@@ -9,25 +9,24 @@ HF weight layouts (torch Linear is [out, in]): q_proj [N*H, D], k_proj/v_proj [K
 gate_proj/up_proj [F, D], down_proj [D, F], embed_tokens/lm_head [V, D], norms [D] (q_norm/k_norm [H]).
 """
 
-import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from big_vision_lite.checkpoints.atomic import atomic_folder
-from big_vision_lite.models.gemma import DecoderConfig, stack_layers
+from big_vision_lite.checkpoints.files import (
+    CheckpointError,
+    check_tensor_shapes,
+    read_folder_tensors,
+    read_hf_config,
+    write_hf_folder,
+)
+from big_vision_lite.models.gemma import DecoderConfig, relayout_layers
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "llama", "qwen3")
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "silu": "silu"}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file or tensor at fault."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -203,8 +202,8 @@ def expected_hf_shapes(cfg: DecoderConfig, prefix: str = "model.") -> dict[str, 
     return shapes
 
 
-def params_from_hf(state: dict[str, np.ndarray], cfg: DecoderConfig, prefix: str = "model.") -> dict[str, Any]:
-    """Our params (scan layout: layer params stacked on a leading L axis) from an HF state dict."""
+def params_from_hf(state: Mapping[str, np.ndarray], cfg: DecoderConfig, prefix: str = "model.") -> dict[str, Any]:
+    """Our params (unrolled layout: `layers_0 ... layers_{L-1}`) from an HF state dict."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     embedder = {"input_embedding": state[f"{prefix}embed_tokens.weight"]}
     if not cfg.tie_embeddings:
@@ -233,100 +232,48 @@ def params_from_hf(state: dict[str, np.ndarray], cfg: DecoderConfig, prefix: str
         }
         layer |= {ours: {"scale": get(theirs)} for ours, theirs in _layer_names(cfg).items()}
         params[f"layers_{i}"] = layer
-    return stack_layers(params, cfg.depth)
+    return params
 
 
-def params_to_hf(params: dict[str, Any], cfg: DecoderConfig, prefix: str = "model.") -> dict[str, np.ndarray]:
-    """The HF state dict of our params (scan layout); the exact inverse of `params_from_hf`."""
+def params_to_hf(params: Mapping[str, Any], cfg: DecoderConfig, prefix: str = "model.") -> dict[str, np.ndarray]:
+    """The HF state dict of our params (either layout); the exact inverse of `params_from_hf`."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     as_np = lambda a: np.ascontiguousarray(np.asarray(a))  # noqa: E731
     state = {f"{prefix}embed_tokens.weight": as_np(params["embedder"]["input_embedding"]),
              f"{prefix}norm.weight": as_np(params["final_norm"]["scale"])}
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = as_np(params["embedder"]["output_embedding"])
-    layers = params["layers"]
-    attn = layers["attn"]
+    params = relayout_layers(dict(params), cfg.depth, scan_layers=False)
     for i in range(cfg.depth):
-        p = f"{prefix}layers.{i}."
+        layer, p = params[f"layers_{i}"], f"{prefix}layers.{i}."
+        attn = layer["attn"]
         if n == k:
-            q, kk, v = np.asarray(attn["qkv_einsum"]["w"][i])
+            q, kk, v = np.asarray(attn["qkv_einsum"]["w"])
         else:
-            q = np.asarray(attn["q_einsum"]["w"][i])
-            kk, v = np.asarray(attn["kv_einsum"]["w"][i])
+            q = np.asarray(attn["q_einsum"]["w"])
+            kk, v = np.asarray(attn["kv_einsum"]["w"])
         state[p + "self_attn.q_proj.weight"] = as_np(q.transpose(0, 2, 1).reshape(n * h, d))
         state[p + "self_attn.k_proj.weight"] = as_np(kk.transpose(0, 2, 1).reshape(k * h, d))
         state[p + "self_attn.v_proj.weight"] = as_np(v.transpose(0, 2, 1).reshape(k * h, d))
-        state[p + "self_attn.o_proj.weight"] = as_np(np.asarray(attn["attn_vec_einsum"]["w"][i]).reshape(n * h, d).T)
+        state[p + "self_attn.o_proj.weight"] = as_np(np.asarray(attn["attn_vec_einsum"]["w"]).reshape(n * h, d).T)
         if cfg.qk_norm:
-            state[p + "self_attn.q_norm.weight"] = as_np(attn["query_norm"]["scale"][i])
-            state[p + "self_attn.k_norm.weight"] = as_np(attn["key_norm"]["scale"][i])
-        gate, up = np.asarray(layers["mlp"]["gating_einsum"][i])
+            state[p + "self_attn.q_norm.weight"] = as_np(attn["query_norm"]["scale"])
+            state[p + "self_attn.k_norm.weight"] = as_np(attn["key_norm"]["scale"])
+        gate, up = np.asarray(layer["mlp"]["gating_einsum"])
         state[p + "mlp.gate_proj.weight"] = as_np(gate.T)
         state[p + "mlp.up_proj.weight"] = as_np(up.T)
-        state[p + "mlp.down_proj.weight"] = as_np(np.asarray(layers["mlp"]["linear"][i]).T)
+        state[p + "mlp.down_proj.weight"] = as_np(np.asarray(layer["mlp"]["linear"]).T)
         for ours, theirs in _layer_names(cfg).items():
-            state[p + theirs + ".weight"] = as_np(layers[ours]["scale"][i])
+            state[p + theirs + ".weight"] = as_np(layer[ours]["scale"])
     return state
 
 
-# ---------------------------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------------------------------- folders
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors file found")
-    return files
-
-
-def _read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
-    for path in files:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, path, f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-
-
-def read_hf_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (an HF folder needs config.json and *.safetensors)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-def read_folder_tensors(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
-    """({name: tensor}, {name: the file it came from}) over every safetensors file of `folder`."""
-    state, where = {}, {}
-    for name, path, tensor in _read_tensors(_safetensors_files(folder)):
-        state[name], where[name] = tensor, path
-    return state, where
-
-
-def check_tensor_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str,
-                        where: Mapping[str, Any] | None = None) -> None:
-    """Every `expected` tensor is in `state` with its shape; the CheckpointError names the tensor and its file
-    (`where[name]`, else `source`)."""
-    where = where or {}
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (expected shape {shape})")
-        got = tuple(np.shape(state[name]))
-        if got != shape:
-            raise CheckpointError(f"{where.get(name, source)}: tensor {name!r} has shape {got}, "
-                                  f"config.json implies {shape}")
-
-
-def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
-    """Config and params (scan layout, dtype as stored) of an HF decoder folder, every tensor checked."""
+def read_decoder_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any], dict[str, Any]]:
+    """(config, params (unrolled layout, dtype as stored), raw config.json) of an HF decoder folder, every tensor
+    checked."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     cfg = config_from_hf(hf, str(folder / "config.json"))
@@ -339,12 +286,10 @@ def load_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
     unexpected = sorted(n for n in state if n not in expected and n not in ignorable and "rotary_emb" not in n)
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected tensors {unexpected[:5]} (not used by {cfg.family})")
-    return cfg, params_from_hf(state, cfg, prefix)
+    return cfg, params_from_hf(state, cfg, prefix), hf
 
 
-def save_hf(folder: str | Path, cfg: DecoderConfig, params: dict[str, Any], hf_config: dict | None = None) -> Path:
-    """Writes config.json and model.safetensors; the folder appears only once complete."""
-    with atomic_folder(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config or config_to_hf(cfg), indent=2))
-        save_file(params_to_hf(params, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return Path(folder)
+def save_decoder_hf(folder: str | Path, cfg: DecoderConfig, params: Mapping[str, Any],
+                    hf_config: Mapping[str, Any] | None = None) -> Path:
+    """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors."""
+    return write_hf_folder(folder, hf_config or config_to_hf(cfg), params_to_hf(params, cfg))

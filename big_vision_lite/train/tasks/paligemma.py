@@ -2,9 +2,10 @@
 
 Axis letters: B batch, T tokens (image placeholders + BOS + prefix + suffix), V vocab, R image side.
 
-* Vision tower: the image tower of a SigLIP run (`config.init.siglip_config`, trained into
-  `config.init.siglip_workdir` first if that holds no finished run), without its MAP head; its sizes come from
-  that run's config, so the two cannot disagree. The projector (`img/head`) and the decoder start fresh.
+* Vision tower: the image tower of a SigLIP run (`config.init.siglip_config` in `config.init.siglip_workdir`),
+  without its MAP head; its sizes come from that run's config, so the two cannot disagree. The task `requires`
+  that run: the training loop trains it first when it has not finished. The projector (`img/head`) and the
+  decoder start fresh.
 * Text: the PaliGemma layout of `data/processor.py` — `"<image>" * P + bos + prompt + "\\n" + caption + eos`,
   right-padded to `text.max_len`; the loss covers the caption and eos (`loss_mask`), never image or prompt.
 * Tokenizer: `text.tokenizer` or one trained on the captions, saved in `DIR/tokenizer` (as SigLIP's).
@@ -17,7 +18,6 @@ Axis letters: B batch, T tokens (image placeholders + BOS + prefix + suffix), V 
   (colour, shape) pairs under `eval/`, and the pairs never trained on under `eval/novel_pairs/`.
 """
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,66 +30,56 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from big_vision_lite.checkpoints.atomic import write_text_atomic
-from big_vision_lite.checkpoints.packaged import cache_dir
+from big_vision_lite.checkpoints.run import RunInfo, load_params, write_run_info
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.data.processor import PaliGemmaProcessor
 from big_vision_lite.data.shapes import POSITIONS, SIZES
-from big_vision_lite.generate import generate
-from big_vision_lite.models.gemma import DecoderConfig, positions_from_mask
+from big_vision_lite.decoding.engine import generate
+from big_vision_lite.models.gemma import DecoderConfig
 from big_vision_lite.models.lora import LoRAConfig
+from big_vision_lite.models.masks import positions_from_mask, prefix_lm_mask
 from big_vision_lite.models.paligemma import (
     PaliGemma,
     PaliGemmaConfig,
     init_params,
-    make_attn_mask,
-    paligemma_config_from_dict,
     paligemma_config_to_dict,
 )
-from big_vision_lite.models.vit import ViTConfig, compute_dtype, make_config
-from big_vision_lite.tokenizer import load_tokenizer
-from big_vision_lite.train.checkpoint import load_params
+from big_vision_lite.models.vit import ViTConfig, make_config, relayout_vit
 from big_vision_lite.train.config import load_config
-from big_vision_lite.train.siglip import TOKENIZER_DIR, caption_tokenizer, make_sources
+from big_vision_lite.train.runs import Requirement, default_workdir
+from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
 
-MODEL_FILE = "model.json"  # the PaliGemmaConfig of a run, so it can be loaded without its SigLIP run
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NOVEL_PAIRS = "eval/novel_pairs/"  # metric prefix of the shapes' compositional split
 EVAL_KEYS = ("eval/caption_exact_match", *(f"eval/{a}_acc" for a in ATTRIBUTES), f"{NOVEL_PAIRS}caption_exact_match",
              f"{NOVEL_PAIRS}shape_acc")
 # ViT fields a SigLIP image tower's config carries over to PaliGemma (pooling and head are PaliGemma's own).
-VISION_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "scan", "remat", "norm_eps")
+VISION_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "norm_eps")
+
+
+def siglip_workdir(init: ml_collections.ConfigDict) -> Path:
+    """The workdir of the SigLIP run the vision tower starts from."""
+    return Path(init.siglip_workdir) if init.siglip_workdir else default_workdir(init.siglip_config)
 
 
 def siglip_vision_init(init: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """(the SigLIP run's config, its image tower params), training that run first if it has not finished."""
-    from big_vision_lite.train import task_factory
-    from big_vision_lite.train.loop import train
-
+    """(the SigLIP run's config, its image tower params); the run must have finished (the task requires it)."""
     siglip = load_config(init.siglip_config)
-    workdir = Path(init.siglip_workdir) if init.siglip_workdir else default_siglip_workdir(init.siglip_config)
+    workdir = siglip_workdir(init)
     try:
         step, params = load_params(workdir)
     except FileNotFoundError:
-        step = -1
+        step = None
     if step != siglip.total_steps:
-        print(f"training the SigLIP vision tower first: {init.siglip_config} in {workdir}")
-        train(siglip, workdir, task_factory("siglip"))
-        step, params = load_params(workdir)
+        raise ValueError(f"the SigLIP run in {workdir} has not finished (step {step} of {siglip.total_steps}): "
+                         f"train it first with `bvl train {init.siglip_config} --workdir {workdir}`")
     return siglip, params["img"]
 
 
-def default_siglip_workdir(siglip_config: str) -> Path:
-    """Where a SigLIP run for `siglip_config` lives unless the config says otherwise (shared between runs)."""
-    path, _, arg = siglip_config.partition(":")
-    return cache_dir() / "runs" / (Path(path).stem + (f"_{arg}" if arg else ""))
-
-
-def vision_config(siglip: ml_collections.ConfigDict, llm_width: int, dtype: str) -> ViTConfig:
+def vision_config(siglip: ml_collections.ConfigDict, llm_width: int) -> ViTConfig:
     image = siglip.model.image.to_dict()
     fields = {k: image[k] for k in VISION_FIELDS if k in image}
-    fields |= {k: siglip.model[k] for k in ("scan", "remat") if k in siglip.model and k not in image}
-    return ViTConfig(**fields, image_size=siglip.data.image_size, pool_type="none", head_size=llm_width, dtype=dtype)
+    return ViTConfig(**fields, image_size=siglip.data.image_size, pool_type="none", head_size=llm_width)
 
 
 # Data fields a PaliGemma run must share with its SigLIP run: the image size the tower was trained at, and for the
@@ -139,6 +129,12 @@ class PaliGemmaTask:
 
     eval_keys = EVAL_KEYS
 
+    @staticmethod
+    def requires(config: ml_collections.ConfigDict) -> tuple[Requirement, ...]:
+        """The SigLIP run the vision tower starts from."""
+        return (Requirement(config.init.siglip_config, siglip_workdir(config.init),
+                            "the PaliGemma vision tower starts from this SigLIP run"),)
+
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
         self.config, self.mesh = config, mesh
         self.train_source = make_sources(config.data)[0]
@@ -147,15 +143,15 @@ class PaliGemmaTask:
         check_same_data(config.data, siglip.data, config.init.siglip_config)
         tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
         model = config.model
-        vision = vision_config(siglip, model.llm.width, model.dtype)
+        vision = vision_config(siglip, model.llm.width)
         self.processor = PaliGemmaProcessor(tokenizer, image_size=config.data.image_size,
                                             num_image_tokens=vision.num_patches)
         llm = decoder_config(model.llm.to_dict(), self.processor.vocab_size)
-        self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
-                               dtype=compute_dtype(model.dtype), scan_layers=model.scan, remat_policy=model.remat)
-        run_info = {"model": paligemma_config_to_dict(self.model.config), "dtype": model.dtype, "scan": model.scan,
-                    "prompt": config.text.prompt}
-        write_text_atomic(Path(workdir) / MODEL_FILE, json.dumps(run_info, indent=2) + "\n")
+        self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id), dtype=model.dtype,
+                               scan_layers=model.scan_layers, remat_policy=model.remat_policy)
+        write_run_info(workdir, RunInfo("paligemma", paligemma_config_to_dict(self.model.config), dtype=model.dtype,
+                                        scan_layers=model.scan_layers, remat_policy=model.remat_policy,
+                                        prompt=config.text.prompt))
         self._loader = None
         captions = list(dict.fromkeys(c for source in self.eval_sources.values() if hasattr(source, "captions")
                                       for c in source.captions()))  # shapes splits share one caption list
@@ -167,7 +163,8 @@ class PaliGemmaTask:
     def init_params(self, rng: jax.Array) -> Any:
         params = init_params(self.model, rng)
         img = dict(params["img"])
-        for name, value in self.vision_params.items():
+        vision = relayout_vit(self.vision_params, self.model.config.vision, self.model.scan_layers)
+        for name, value in vision.items():
             if name not in img:
                 continue  # the SigLIP tower's MAP head (and head): PaliGemma reads the tokens before them
             expected = jax.tree.map(np.shape, img[name])
@@ -242,24 +239,8 @@ class PaliGemmaTask:
     def _logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         mask = batch["input_mask"]
         logits, _, _ = self.model.apply({"params": params}, batch["input_ids"], positions_from_mask(mask),
-                                        make_attn_mask(mask, batch["mask_ar"]), images=batch["image"])
+                                        prefix_lm_mask(mask, batch["mask_ar"]), images=batch["image"])
         return logits
-
-
-def is_paligemma_run(path: str | Path) -> bool:
-    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / TOKENIZER_DIR).is_dir()
-
-
-def load_paligemma_run(workdir: str | Path) -> tuple[PaliGemma, dict[str, Any], PaliGemmaProcessor, str]:
-    """(module, newest checkpoint's params, processor, training prompt) of a PaliGemma training workdir."""
-    workdir = Path(workdir)
-    info = json.loads((workdir / MODEL_FILE).read_text())
-    config = paligemma_config_from_dict(info["model"])
-    module = PaliGemma(config, dtype=compute_dtype(info["dtype"]), scan_layers=info["scan"])
-    _, params = load_params(workdir)
-    processor = PaliGemmaProcessor(load_tokenizer(workdir / TOKENIZER_DIR), image_size=config.vision.image_size,
-                                   num_image_tokens=config.num_image_tokens)
-    return module, jax.tree.map(jnp.asarray, params), processor, info["prompt"]
 
 
 def parse_shapes_caption(text: str, data: ml_collections.ConfigDict) -> dict[str, str | None]:

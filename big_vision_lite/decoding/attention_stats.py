@@ -81,21 +81,6 @@ def sink_mass(probs: jax.Array, num_sinks: int, key_positions: jax.Array | None 
     return jnp.sum(jnp.where(key_positions < num_sinks, probs.astype(jnp.float32), 0.0), axis=-1)
 
 
-def sink_share(probs: jax.Array, num_sinks: int, key_positions: jax.Array | None = None,
-               query_valid: jax.Array | None = None) -> jax.Array:
-    """float32 [L]: per layer, the mean attention mass on the first `num_sinks` positions.
-
-    probs [L, B, N, T, S]; key_positions [B, S] (None: slot s is position s); query_valid [B, T] leaves padding
-    queries (whose rows are meaningless) out of the mean.
-    """
-    positions = None if key_positions is None else key_positions[:, None, None, :]  # [B, 1, 1, S]
-    mass = sink_mass(probs, num_sinks, positions)  # [L, B, N, T]
-    if query_valid is None:
-        return jnp.mean(mass, axis=(1, 2, 3))
-    weight = jnp.broadcast_to(query_valid[None, :, None, :], mass.shape).astype(jnp.float32)
-    return jnp.sum(mass * weight, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(weight, axis=(1, 2, 3)), 1.0)
-
-
 def sequence_membership(prefill: jax.Array, steps: jax.Array) -> jax.Array:
     """bool [..., T + M, S]: the prompt's top-p sets followed by the decode steps', one query row per slot.
 

@@ -1,10 +1,10 @@
-"""Golden-value parity of our SigLIP two-tower model against transformers' SiglipModel (PyTorch, eager attention).
+"""SigLIP parity (HF `SiglipModel`): the batch and the forward passes of both sides.
 
 Axis letters: B batch, R image side, T tokens (the text max_len), P patches, D width, E embedding width.
 
-Both sides load the same HF folder and get the same deterministic batch (seeded): images [B, R, R, 3] uniform in
-[-1, 1] (channels first for PyTorch) and token ids [B, T] at the full max_len (SigLIP pads to a fixed length and
-pools the last position; no attention mask). Compared, each as max |ours - ref| and ||ours - ref|| / ||ref||:
+Both sides get the same deterministic batch: images [B, R, R, 3] uniform in [-1, 1] (channels first for
+PyTorch) and token ids [B, T] at the full max_len (SigLIP pads to a fixed length and pools the last position; no
+attention mask). Compared:
 
 - per tower: the embeddings (input of layer 0), every layer's output, the final-normed tokens, the pooled output
   (image: MAP head; text: last token through the head) and the L2-normalised embedding;
@@ -13,20 +13,23 @@ pools the last position; no attention mask). Compared, each as max |ours - ref| 
 
 Without the MAP head (`vision_use_head: false`, PaliGemma's tower) transformers' SiglipModel.forward cannot run
 (its pooler_output is None), so the image side stops at the final-normed tokens and there are no logits or loss;
-the report says so in `notes`. `ok` means every relative error is within tolerance.
+the report says so in `notes`.
 """
 
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.checkpoints.siglip import load_siglip_hf
-from big_vision_lite.models.vit import ViT, compute_dtype
-from big_vision_lite.parity import TINY_PARAMS, TOLERANCES, ParityReport, _errors
+from big_vision_lite.checkpoints import Loaded
+from big_vision_lite.models.vit import ViT
+from big_vision_lite.parity import torch_side
+from big_vision_lite.parity.report import compare_stage
+from big_vision_lite.utils.timing import Stopwatch
+
+NO_HEAD_NOTE = ("vision_use_head is false: transformers' SiglipModel.forward cannot run without the MAP head, so the "
+                "image side is compared up to the final-normed tokens and there are no logits or loss")
 
 
 def siglip_parity_batch(image_size: int, vocab_size: int, seq_len: int, batch: int = 3,
@@ -38,19 +41,11 @@ def siglip_parity_batch(image_size: int, vocab_size: int, seq_len: int, batch: i
     return images, tokens
 
 
-def _torch_forward(folder: str, dtype: str, images: np.ndarray, tokens: np.ndarray,
-                   use_head: bool) -> tuple[dict[str, np.ndarray], float]:
-    """Reference activations (float32 numpy) and the seconds spent loading the model."""
+def _reference_forward(model: Any, images: np.ndarray, tokens: np.ndarray, use_head: bool) -> dict[str, np.ndarray]:
+    """Reference activations (float32 numpy) of both towers, and with the MAP head the logits and loss."""
     import torch
-    from transformers import SiglipModel
 
-    t0 = time.perf_counter()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = SiglipModel.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager").eval()
-    load_seconds = time.perf_counter() - t0
-
-    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch_dtype)  # [B, 3, R, R]
-    ids = torch.from_numpy(tokens.astype(np.int64))
+    pixels, ids = torch_side.pixels_nchw(images, model.dtype), torch_side.long_tensor(tokens)
     ref: dict[str, Any] = {}
     with torch.no_grad():
         if use_head:
@@ -74,16 +69,17 @@ def _torch_forward(folder: str, dtype: str, images: np.ndarray, tokens: np.ndarr
             ref["loss"] = (-torch.nn.functional.logsigmoid(z * logits).sum() / len(logits)).reshape(1)
         else:
             ref["txt/normalized"] = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
-    return {k: v.float().numpy() for k, v in ref.items()}, load_seconds
+    return torch_side.to_numpy(ref)
 
 
-def _our_forward(module, params, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+def _our_forward(loaded: Loaded, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    module, params = loaded.module, loaded.params
     cfg = module.config
     use_head = cfg.image.pool_type == "map"
     apply = jax.jit(lambda p, i, t: module.apply({"params": p}, i, t))
     zimg, ztxt, out = apply(params, jnp.asarray(images) if use_head else None, jnp.asarray(tokens))
     if not use_head:  # the tokens-only ViT on its own (TwoTowers refuses token outputs)
-        vit = ViT(cfg.image, return_hidden=True)
+        vit = ViT(cfg.image, **module.tower_settings())
         _, img_out = jax.jit(lambda p, i: vit.apply({"params": p}, i))(params["img"], jnp.asarray(images))
         out |= {f"img/{k}": v for k, v in img_out.items()}
 
@@ -102,35 +98,17 @@ def _our_forward(module, params, images: np.ndarray, tokens: np.ndarray) -> dict
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def run_siglip_parity(
-    folder: str,
-    dtype: str = "float32",
-    tolerance: float | None = None,
-    *,
-    batch: int = 3,
-    seed: int = 0,
-) -> ParityReport:
-    """Loads both sides from an HF SiglipModel folder and compares every stage; see the module docstring."""
+def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, batch: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Every stage of both towers, the logits and the loss (see the module docstring): the `ParityReport` fields."""
     if batch < 2:
         raise ValueError(f"batch must be >= 2 (the loss needs negatives), got {batch}")
-    compute = compute_dtype(dtype)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    module, params = load_siglip_hf(folder, dtype=dtype, return_hidden=True)
-    # Both sides hold the weights in `dtype` (HF loads them so), whatever the file stores.
-    params = jax.tree.map(lambda a: jnp.asarray(a, compute), params)
-    seconds["load_ours"] = time.perf_counter() - t0
-    cfg = module.config
+    cfg = loaded.config
     use_head = cfg.image.pool_type == "map"
     images, tokens = siglip_parity_batch(cfg.image.image_size, cfg.text.vocab_size, cfg.text.max_len, batch, seed)
-
-    t0 = time.perf_counter()
-    ref, seconds["load_reference"] = _torch_forward(str(folder), dtype, images, tokens, use_head)
-    seconds["forward_reference"] = time.perf_counter() - t0 - seconds["load_reference"]
-    t0 = time.perf_counter()
-    ours = _our_forward(module, params, images, tokens)
-    seconds["forward_ours"] = time.perf_counter() - t0
-
+    with watch("forward_reference"):
+        ref = _reference_forward(reference, images, tokens, use_head)
+    with watch("forward_ours"):
+        ours = _our_forward(loaded, images, tokens)
     if set(ours) != set(ref):
         raise AssertionError(f"stages differ: ours only {sorted(set(ours) - set(ref))}, "
                              f"reference only {sorted(set(ref) - set(ours))}")
@@ -139,21 +117,6 @@ def run_siglip_parity(
         stages = ["embeddings", *[f"layer_{i}" for i in range(depth)], "encoded", "pooled", "normalized"]
         names += [f"{prefix}/{s}" for s in stages if f"{prefix}/{s}" in ref]
     names += [n for n in ("logits_per_image", "loss") if n in ref]
-    layers = [_errors(n, ours[n], ref[n], np.ones(ref[n].shape[0], bool)) for n in names]
-    notes = [] if use_head else [
-        "vision_use_head is false: transformers' SiglipModel.forward cannot run without the MAP head, so the image "
-        "side is compared up to the final-normed tokens and there are no logits or loss"
-    ]
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    size = "tiny" if n_params < TINY_PARAMS else "real"
-    return ParityReport(
-        model=Path(folder).name,
-        model_type="siglip",
-        dtype=dtype,
-        tolerance=tolerance if tolerance is not None else TOLERANCES[(dtype, size)],
-        layers=layers,
-        greedy_ours=None,  # an encoder: nothing to decode
-        greedy_ref=None,
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-        notes=notes,
-    )
+    layers = [compare_stage(n, ours[n], ref[n], np.ones(ref[n].shape[0], bool)) for n in names]
+    return {"model_type": "siglip", "layers": layers, "greedy_ours": None, "greedy_ref": None,
+            "notes": [] if use_head else [NO_HEAD_NOTE]}

@@ -14,7 +14,7 @@ Axis letters: B global batch, A accumulation micro-batches, E embedding width, S
   with its slice of that gradient (GradCache). Peak activation memory is one micro-batch's.
 """
 
-import shutil
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,57 +26,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from big_vision_lite.checkpoints.atomic import atomic_folder
+from big_vision_lite.checkpoints.run import RunInfo, write_run_info
+from big_vision_lite.checkpoints.tokenizer import Tokenizer
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
-from big_vision_lite.data.shapes import ShapesSpec, shapes_source
-from big_vision_lite.data.sources import folder_source, tar_source
-from big_vision_lite.data.text import train_caption_tokenizer
 from big_vision_lite.losses import sigmoid_loss
-from big_vision_lite.models.two_towers import build_two_towers, init_params
-from big_vision_lite.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer
+from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers_config
+from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import BATCH_AXES, constrain_batch
+from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
+from big_vision_lite.utils.dtypes import dtype_name
 
-TOKENIZER_DIR = "tokenizer"
 EVAL_KEYS = ("eval/i2t_top1", "eval/t2i_top1")
-TOKENIZER_FILES = (TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json")
-
-
-def make_sources(data: ml_collections.ConfigDict) -> tuple[Any, Any, Any | None]:
-    """(train source, held-out evaluation source, distractor source or None) of `config.data`.
-
-    Distractors only widen the candidate sets of retrieval. For the shapes data they are one image per trained
-    attribute combination, so a held-out image competes with every caption the generator can write, including
-    its colour with a trained shape: retrieval then fails unless the shape is read, not just the colour.
-    """
-    if data.name == "shapes":
-        spec = ShapesSpec(image_size=data.image_size, seed=data.seed, holdout_fraction=data.holdout_fraction,
-                          colours=tuple(data.colours), shapes=tuple(data.shapes))
-        return shapes_source(spec, "train"), shapes_source(spec, "test"), shapes_source(spec, "gallery")
-    if data.name in ("folder", "tar"):
-        make = folder_source if data.name == "folder" else tar_source
-        if not data.get("path") or not data.get("eval_path"):
-            raise ValueError(f"data.name={data.name!r} needs data.path and data.eval_path (the held-out split)")
-        return make(data.path), make(data.eval_path), None
-    raise ValueError(f"data.name must be shapes, folder or tar, got {data.name!r}")
-
-
-def caption_tokenizer(config: ml_collections.ConfigDict, workdir: Path, train_source: Any) -> Tokenizer:
-    """The run's tokenizer: the one saved in `workdir` (resume), a given one, or one trained on the captions."""
-    saved = workdir / TOKENIZER_DIR
-    if saved.is_dir():
-        return load_tokenizer(str(saved))
-    if config.text.tokenizer:
-        load_tokenizer(config.text.tokenizer)  # refuse an unreadable one before copying it
-        source = Path(config.text.tokenizer)
-        with atomic_folder(saved) as tmp:
-            if source.is_dir():
-                for name in TOKENIZER_FILES:
-                    if (source / name).is_file():
-                        shutil.copy2(source / name, tmp / name)
-            else:
-                shutil.copy2(source, tmp / (TOKENIZER_FILE if source.suffix == ".json" else SENTENCEPIECE_FILE))
-        return load_tokenizer(str(saved))
-    return train_caption_tokenizer(train_source.captions(), saved, vocab_size=config.text.vocab_size)
+# Keys of `config.model` that are module settings (the same for both towers), not the towers' architecture.
+MODULE_SETTINGS = ("dtype", "scan_layers", "remat_policy")
 
 
 class SiglipTask:
@@ -84,14 +46,24 @@ class SiglipTask:
 
     eval_keys = EVAL_KEYS
 
+    @staticmethod
+    def requires(config: ml_collections.ConfigDict) -> tuple[Requirement, ...]:
+        """SigLIP trains from scratch: no other run."""
+        del config
+        return ()
+
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
         self.config, self.mesh = config, mesh
         self.train_source, self.eval_source, self.distractors = make_sources(config.data)
         self.tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
         model = config.model.to_dict()
+        settings = {k: model.pop(k) for k in MODULE_SETTINGS if k in model}
         model["image"]["image_size"] = config.data.image_size  # one source of truth for the image side
         model["text"] |= {"vocab_size": self.tokenizer.vocab_size, "max_len": config.text.max_len}
-        self.model = build_two_towers(model)
+        self.model = TwoTowers(two_towers_config(model), **settings)
+        write_run_info(workdir, RunInfo("siglip", dataclasses.asdict(self.model.config),
+                                        dtype=dtype_name(self.model.dtype), scan_layers=self.model.scan_layers,
+                                        remat_policy=self.model.remat_policy))
         _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
         if config.batch_size % config.accum_steps:
             raise ValueError(f"batch_size={config.batch_size} must be a multiple of accum_steps={config.accum_steps}")

@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.attention_stats import top_p_mask
-from big_vision_lite.models.gemma import KVCache, SlotCache, positions_from_mask, prefill_mask
+from big_vision_lite.decoding.attention_stats import top_p_mask
+from big_vision_lite.decoding.engine import prefill, slot_step
+from big_vision_lite.models.cache import KVCache, SlotCache, slot_cache_from
 
 POLICIES = ("full", "streaming", "h2o", "tova", "random", "recently_activated")
 SCOPES = ("head", "layer")
@@ -104,28 +105,18 @@ def init_state(cache: KVCache, input_mask: jax.Array, slots: Sequence[int], poli
     Padding gets no slot (position -1). h2o's scores start from the attention the prompt tokens received in the
     prefill (`prefill_probs` [L, B, N, T, T]); every other score starts at zero.
     """
-    layers, batch, prompt_len, num_kv_heads, _ = cache.k.shape
-    if len(slots) != layers:
-        raise ValueError(f"got slot counts for {len(slots)} layers, the cache has {layers}")
-    if short := [i for i, s in enumerate(slots) if s <= prompt_len]:
-        raise ValueError(f"layers {short} get {min(slots[i] for i in short)} slots, not more than the "
-                         f"{prompt_len}-token prompt")
-    held = jnp.where(input_mask, positions_from_mask(input_mask), -1)  # [B, T]
-    ks, vs, positions, scores = [], [], [], []
+    slot_cache = slot_cache_from(cache, input_mask, slots)
+    batch, num_kv_heads, _ = slot_cache.positions[0].shape
+    prompt_len = input_mask.shape[1]
+    scores = []
     for i, size in enumerate(slots):
-        pad = [(0, 0), (0, size - prompt_len), (0, 0), (0, 0)]
-        ks.append(jnp.pad(cache.k[i], pad))
-        vs.append(jnp.pad(cache.v[i], pad))
-        positions.append(jnp.pad(jnp.broadcast_to(held[:, None], (batch, num_kv_heads, prompt_len)),
-                                 [(0, 0), (0, 0), (0, size - prompt_len)], constant_values=-1))  # [B, K, S]
         score = jnp.zeros((batch, num_kv_heads, size), jnp.float32)
         if policy.name == "h2o" and prefill_probs is not None:
             received = _per_kv_head(prefill_probs[i].sum(axis=2), num_kv_heads, policy.scope)  # [B, K, T]
             score = score.at[:, :, :prompt_len].set(received)
         scores.append(score)
     zeros = jnp.zeros((batch,), jnp.int32)
-    empty = tuple(jnp.zeros((batch, num_kv_heads), jnp.int32) for _ in slots)
-    return EvictionState(SlotCache(tuple(ks), tuple(vs), tuple(positions), empty), tuple(scores), zeros, zeros)
+    return EvictionState(slot_cache, tuple(scores), zeros, zeros)
 
 
 def _per_kv_head(values: jax.Array, num_kv_heads: int, scope: str) -> jax.Array:
@@ -206,7 +197,7 @@ def step(module: nn.Module, params: Any, state: EvictionState, token: jax.Array,
         scores.append(jnp.where(here, 0.0, score))  # a new token starts with a clean score
     cache = SlotCache(cache.k, cache.v, tuple(held), free_slot)
     module = module.clone(return_probs=True)  # the scores feed on every layer's attention
-    logits, cache, out = module.apply({"params": params}, token[:, None], position[:, None], None, cache)
+    logits, cache, out = slot_step(module, params, token, position, cache)
     probs = tuple(p[:, :, 0] for p in out["attn_probs"])  # [B, N, S_i]
 
     evicted, forced = state.evicted, state.forced
@@ -238,14 +229,6 @@ def by_position(values: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.zeros_like(flat_values).at[rows, target].add(flat_values, mode="drop").reshape(values.shape)
 
 
-def _prefill(module: nn.Module, params: Any, tokens: jax.Array, input_mask: jax.Array
-             ) -> tuple[jax.Array, KVCache, jax.Array]:
-    positions = positions_from_mask(input_mask)
-    logits, cache, out = module.apply({"params": params}, tokens, positions, prefill_mask(input_mask), None,
-                                      last_logits_only=True)
-    return logits[:, -1], cache, out["attn_probs"]
-
-
 @functools.partial(jax.jit, static_argnames=("module", "policy", "evict_layers", "prompt_len", "greedy_steps",
                                              "reference_row"))
 def _teacher_forced(module: nn.Module, params: Any, tokens: jax.Array, capacity: jax.Array, rng: jax.Array, *,
@@ -254,7 +237,8 @@ def _teacher_forced(module: nn.Module, params: Any, tokens: jax.Array, capacity:
     batch, length = tokens.shape
     slots = length + greedy_steps
     prompt_mask = jnp.ones((batch, prompt_len), bool)
-    first_logits, cache, prefill_probs = _prefill(module, params, tokens[:, :prompt_len], prompt_mask)
+    first_logits, cache, prefill_out = prefill(module, params, tokens[:, :prompt_len], prompt_mask)
+    first_logits, prefill_probs = first_logits[:, -1], prefill_out["attn_probs"]
     state = init_state(cache, prompt_mask, [slots] * len(evict_layers), policy, prefill_probs)
     forced_steps = length - prompt_len  # inputs taken from `tokens`; later inputs are the rows' own argmax
     layers = [i for i, e in enumerate(evict_layers) if e]

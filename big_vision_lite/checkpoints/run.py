@@ -1,0 +1,108 @@
+"""A training workdir of ours, as a checkpoint: what `bvl train` writes there and how it is read back.
+
+    W/config.json          the experiment config the run was started with (ml_collections JSON)
+    W/model.json           the model: its kind, its config as a dict and the module settings it trained with
+    W/tokenizer/           the run's tokenizer (HF files)
+    W/checkpoints/<step>/  orbax checkpoints of the training state {step, params, opt_state, rng}
+
+The training loop (train/) writes these; `load_params` and `read_run_info` read them for `checkpoints.load`,
+notebooks and warm starts, whatever mesh wrote them.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from big_vision_lite.checkpoints.files import CheckpointError
+from big_vision_lite.utils.atomic import write_text_atomic
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+RUN_KINDS = ("siglip", "paligemma")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What `model.json` holds: the model kind, its config dict (`paligemma_config_to_dict` or the two-tower
+    `dataclasses.asdict`), the module settings the run trained with, and (PaliGemma) the training prompt."""
+
+    kind: str
+    model: dict[str, Any]
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str | None = None
+    prompt: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in RUN_KINDS:
+            raise ValueError(f"run kind {self.kind!r} is not one of {RUN_KINDS}")
+
+
+def is_run(path: str | Path) -> bool:
+    """Whether `path` is a training workdir that describes its model (model.json)."""
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def write_run_info(workdir: str | Path, info: RunInfo) -> Path:
+    return write_text_atomic(Path(workdir) / MODEL_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+
+
+def read_run_info(workdir: str | Path) -> RunInfo:
+    """The RunInfo of a workdir; runs written before model.json named its kind (PaliGemma's, with `scan`) read too."""
+    path = Path(workdir) / MODEL_FILE
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
+    if "kind" not in fields:  # the first PaliGemma runs: {"model", "dtype", "scan", "prompt"}
+        fields = {"kind": "paligemma", "scan_layers": fields.pop("scan", False), **fields}
+    known = {f.name for f in dataclasses.fields(RunInfo)}
+    try:
+        return RunInfo(**{k: v for k, v in fields.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The step of the newest complete checkpoint in a workdir, None when it holds none."""
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    manager = _manager(directory)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def load_params(workdir: str | Path) -> tuple[int, Any]:
+    """(step, params as numpy) of the newest checkpoint in a training workdir, on the host, whatever mesh wrote it."""
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no checkpoints (train with `bvl train CONFIG --workdir {workdir}`)")
+    manager = _manager(directory)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no complete checkpoint")
+        metadata = manager.item_metadata(step)["state"]
+        # Restore every array onto this process's first device: the writer's mesh may not exist here.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        manager.close()
+    return step, jax.tree.map(np.asarray, state["params"])

@@ -1,0 +1,47 @@
+"""Golden-value parity against transformers (PyTorch, eager attention), layer by layer, for every model kind.
+
+    report.py      one report: per-stage errors (NaN-aware), tolerances, greedy agreement, table and JSON
+    torch_side.py  the PyTorch side: transformers models from the same files, stage hooks, greedy generation
+    decoder.py     decoders: a padded batch longer than any window; every layer, the logits, greedy ids
+    siglip.py      SigLIP: both towers, the embeddings, logits_per_image and the loss
+    paligemma.py   PaliGemma: the vision tower, the projector, every decoder layer, greedy ids with the image
+
+`run_parity(MODEL)` loads our side through `checkpoints.load` and the reference from the same files, and lets the
+model kind's module compare them.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from big_vision_lite.checkpoints import load
+from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS
+from big_vision_lite.parity import decoder, paligemma, siglip, torch_side
+from big_vision_lite.parity.report import ParityReport, default_tolerance
+from big_vision_lite.utils.timing import Stopwatch
+
+COMPARE = {"decoder": decoder.compare, "siglip": siglip.compare, "paligemma": paligemma.compare}
+
+
+def run_parity(model: str, dtype: str = "float32", *, tolerance: float | None = None, seq_len: int | None = None,
+               **options: Any) -> ParityReport:
+    """Compares our `model` (anything `checkpoints.load` takes but an .npz) with transformers in `dtype`.
+
+    `tolerance` defaults by dtype and model size (`report.TOLERANCES`); `seq_len` is the decoder batch's length
+    (default: longer than any sliding window) and is refused for other kinds; `options` go to the kind's `compare`
+    (e.g. `greedy_tokens`).
+    """
+    watch = Stopwatch()
+    with watch("load_ours"):
+        loaded = load(model, dtype, return_hidden=True)
+    if seq_len is not None:
+        if loaded.kind != "decoder":
+            raise ValueError(f"--seq-len sets the decoder batch's length; {model} is a {loaded.kind} model, whose "
+                             f"batch follows its config")
+        options["seq_len"] = seq_len
+    with watch("load_reference"):
+        reference = torch_side.load_reference(loaded.kind, model, dtype)
+    fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
+    name = str(model) if str(model) in PACKAGED_MODELS and not Path(model).exists() else Path(model).name
+    return ParityReport(model=name, dtype=dtype, seconds=watch.seconds,
+                        tolerance=tolerance if tolerance is not None else default_tolerance(loaded.params, dtype),
+                        **fields)

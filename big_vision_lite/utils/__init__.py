@@ -1,0 +1,1 @@
+"""Small helpers every layer may use: atomic files, dtype names, cache paths and compile-aware timing."""
