@@ -4,7 +4,7 @@ and the jitted decode loop.
 Axis letters: B batch, T prompt tokens, S cache slots, N new tokens, V vocab.
 
 Prompts are left-padded; `input_mask` [B, T] marks real tokens. `prefill` runs the prompt through the
-concatenation cache; `decode` gives that cache room for the new tokens (fixed capacity), then runs one jitted
+concatenation cache; `generate` gives that cache room for the new tokens (fixed capacity), then runs one jitted
 `while_loop` of `decode_step`s: it compiles once, has no Python step per token, and stops when every row has
 produced an end token or `max_new_tokens` ids. Masks always come from the stored key positions and validity, never
 from a "causal" shortcut. A `record` function (a hashable callable, e.g. a frozen dataclass) sees every step's
@@ -151,18 +151,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return tokens, mask
 
 
-class Decoded(NamedTuple):
-    """What `decode` returns (device arrays): the ids [B, N] (`pad_id` after a row's end token), the cache after
-    the last step (fixed capacity, layers stacked), the prefill's `out` dict and the stacked `record` outputs
-    ([N, ...] each; None without a record; steps after every row ended hold zeros)."""
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """What `generate` returns: on the host, the ids [B, N] (after a row's end token: `pad_id`) and per row how many
+    ids it produced (end included); on the device, the cache after the last step (fixed capacity, layers stacked),
+    the prefill's `out` dict, and the stacked `record` outputs ([N, ...] each; None without a record; steps after
+    every row ended hold zeros)."""
 
-    tokens: jax.Array
+    tokens: np.ndarray
+    lengths: np.ndarray
     cache: KVCache
     prefill: dict[str, Any]
-    records: Any
+    records: Any = None
 
 
-def decode(
+def generate(
     module: nn.Module,
     params: Any,
     tokens: np.ndarray,
@@ -177,9 +180,9 @@ def decode(
     images: np.ndarray | None = None,
     mask_ar: np.ndarray | None = None,
     record: Record | None = None,
-) -> Decoded:
+) -> Generated:
     """Continues left-padded prompts `tokens` [B, T]: the prefill, then the jitted decode loop; greedy by default.
-    Each row stops at one of `end_ids`.
+    Each row stops at one of `end_ids`; `record` (see the module docstring) keeps what it returns of every step.
 
     `sampler` None is greedy. `cache_length` is the number of cache slots (default T + max_new_tokens, the fewest
     that fit). For PaliGemma, `images` [B, R, R, 3] fill the prompts' image placeholders and `mask_ar` [B, T]
@@ -218,36 +221,7 @@ def decode(
     out, cache, records = _decode_loop(module, params, first, cache.with_capacity(capacity), key_valid,
                                        cache.positions[:, -1:], max_new_tokens, sampler,
                                        tuple(int(e) for e in end_ids), pad_id, loop_rng, record)
-    return Decoded(out, cache, prefill_out, records)
-
-
-@dataclasses.dataclass(frozen=True)
-class Generated:
-    """`tokens` [B, N] (after a row's end token: `pad_id`), and per row how many ids it produced (end included)."""
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-
-
-def generate(
-    module: nn.Module,
-    params: Any,
-    tokens: np.ndarray,
-    input_mask: np.ndarray,
-    max_new_tokens: int,
-    *,
-    sampler: SamplerConfig | None = None,
-    rng: jax.Array | None = None,
-    end_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    cache_length: int | None = None,
-    images: np.ndarray | None = None,
-    mask_ar: np.ndarray | None = None,
-) -> Generated:
-    """`decode` without a record, with the ids on the host and each row's length (see `decode`)."""
-    decoded = decode(module, params, tokens, input_mask, max_new_tokens, sampler=sampler, rng=rng, end_ids=end_ids,
-                     pad_id=pad_id, cache_length=cache_length, images=images, mask_ar=mask_ar)
-    out = np.asarray(decoded.tokens)
+    out = np.asarray(out)
     is_end = np.isin(out, list(end_ids))
     lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, max_new_tokens)
-    return Generated(out, lengths)
+    return Generated(out, lengths, cache, prefill_out, records)

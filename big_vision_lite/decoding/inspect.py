@@ -3,7 +3,7 @@
 Axis letters: L captured layers, B batch, N query heads, K kv heads, T prompt tokens, M decode steps (new tokens),
 S = T + M cache slots, H head dim.
 
-`capture_generation` runs the decoding engine (`engine.decode`: the prefill, then the jitted decode loop that
+`capture_generation` runs the decoding engine (`engine.generate`: the prefill, then the jitted decode loop that
 `generate` runs, no early stop) with a Decoder that returns its probabilities, and an `AttentionRecord` that
 reduces every step's attention on the device: the chosen layers' top-p membership [L, B, N, S], set size
 [L, B, N], sink mass [L, B, N] and, with `keep_probs`, their probabilities [L, B, N, S]; no Python runs per step.
@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from big_vision_lite.decoding import attention_stats as stats
-from big_vision_lite.decoding.engine import check_prompts, decode
+from big_vision_lite.decoding.engine import check_prompts, generate
 from big_vision_lite.models.cache import KVCache
 from big_vision_lite.models.masks import positions_from_mask
 
@@ -146,14 +146,14 @@ def capture_generation(
     check_settings(max_new_tokens, p, num_sinks)
     layers = check_layers(layers, module.configs[0].depth)
     record = AttentionRecord(layers, float(p), int(num_sinks), bool(keep_probs))
-    decoded = decode(module.clone(return_probs=True), params, tokens, input_mask, max_new_tokens, record=record)
+    decoded = generate(module.clone(return_probs=True), params, tokens, input_mask, max_new_tokens, record=record)
     mask = jnp.asarray(input_mask)
     prefill = _reduce_prefill(decoded.prefill["attn_probs"][np.asarray(layers)], float(p), int(num_sinks), mask,
                               positions_from_mask(mask))
     ys, cache = decoded.records, decoded.cache
     chosen = np.asarray(layers)
     return Capture(
-        prompt_tokens=tokens, input_mask=input_mask, tokens=np.asarray(decoded.tokens), layers=layers, p=float(p),
+        prompt_tokens=tokens, input_mask=input_mask, tokens=decoded.tokens, layers=layers, p=float(p),
         num_sinks=int(num_sinks), key_positions=np.asarray(cache.positions),
         key_valid=np.pad(input_mask, [(0, 0), (0, max_new_tokens)], constant_values=True),
         prefill_member=np.asarray(prefill["member"]), prefill_sink_mass=np.asarray(prefill["sink_mass"]),
