@@ -63,7 +63,7 @@ def test_prefix_lm_mask_equals_transformers():
     positions = np.maximum(np.cumsum(input_mask, 1) - 1, 0)
     theirs = create_causal_mask(
         config=hf, inputs_embeds=torch.zeros(batch, length, 8), attention_mask=torch.tensor(input_mask.astype(int)),
-        past_key_values=None, position_ids=torch.tensor(positions),
+        cache=None, position_ids=torch.tensor(positions),
         block_sequence_ids=torch.where(torch.tensor(token_types) == 0, 0, -1))
     theirs = (theirs[:, 0] == 0).numpy()  # additive float mask -> allowed
     ours = np.asarray(prefix_lm_mask(jnp.asarray(input_mask), jnp.asarray(token_types)))
