@@ -137,7 +137,7 @@ def capture_generation(
 ) -> Capture:
     """Greedy generation from left-padded prompts `tokens` [B, T] that records the chosen layers' attention.
 
-    Decodes exactly `max_new_tokens` ids (no early stop; the ids equal `generate.greedy`'s). `layers` are the
+    Decodes exactly `max_new_tokens` ids (no early stop; the ids equal `engine.generate`'s greedy ids). `layers` are the
     decoder layers to capture (None: all); `p` the top-p mass of the membership and set sizes; `num_sinks` the
     leading positions counted as attention sinks. With `keep_probs` the full probabilities come back too
     (prefill [L, B, N, T, T], steps [M, L, B, N, S]); without, only the reduced statistics.

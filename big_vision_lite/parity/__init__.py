@@ -13,6 +13,8 @@ model kind's module compare them.
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from big_vision_lite.checkpoints import load
 from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS
 from big_vision_lite.parity import decoder, paligemma, siglip, torch_side
@@ -40,7 +42,10 @@ def run_parity(model: str, dtype: str = "float32", *, tolerance: float | None = 
         options["seq_len"] = seq_len
     with watch("load_reference"):
         reference = torch_side.load_reference(loaded.kind, model, dtype)
-    fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
+    # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which
+    # would be our error, not the model's. No effect on the CPU.
+    with jax.default_matmul_precision("highest"):
+        fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
     name = str(model) if str(model) in PACKAGED_MODELS and not Path(model).exists() else Path(model).name
     return ParityReport(model=name, dtype=dtype, seconds=watch.seconds,
                         tolerance=tolerance if tolerance is not None else default_tolerance(loaded.params, dtype),
