@@ -142,31 +142,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """`bvl bench NAME`: runs the benchmark, prints its table, writes its JSON (--json); exits 1 below target."""
-    from big_vision_lite.bench.harness import report
+def _bench_forward(args: argparse.Namespace) -> tuple[dict, str]:
+    from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
 
-    if args.bench == "forward":
-        from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
+    result = run_forward_bench(args.model, seq_len=args.seq_len, dtype=args.dtype)
+    return result, format_forward_table(result)
 
-        result = run_forward_bench(args.model, seq_len=args.seq_len, dtype=args.dtype)
-        return report(result, format_forward_table(result), args.json)
-    if args.bench == "decode":
-        from big_vision_lite.bench.decode import format_decode_table, run_decode_bench
 
-        result = run_decode_bench(args.model, dtype=args.dtype)
-        return report(result, format_decode_table(result), args.json)
-    if args.bench == "siglip-loss":
-        from big_vision_lite.bench.siglip_loss import format_siglip_loss_table, run_siglip_loss_bench
+def _bench_decode(args: argparse.Namespace) -> tuple[dict, str]:
+    from big_vision_lite.bench.decode import format_decode_table, run_decode_bench
 
-        result = run_siglip_loss_bench()
-        return report(result, format_siglip_loss_table(result), args.json)
-    if args.bench == "siglip-train":
-        from big_vision_lite.bench.siglip_train import format_siglip_train_table, run_siglip_train_bench
+    result = run_decode_bench(args.model, dtype=args.dtype)
+    return result, format_decode_table(result)
 
-        result = run_siglip_train_bench()
-        return report(result, format_siglip_train_table(result), args.json)
-    # kv-eviction, the last of the parser's choices
+
+def _bench_siglip_loss(args: argparse.Namespace) -> tuple[dict, str]:
+    from big_vision_lite.bench.siglip_loss import format_siglip_loss_table, run_siglip_loss_bench
+
+    result = run_siglip_loss_bench()
+    return result, format_siglip_loss_table(result)
+
+
+def _bench_siglip_train(args: argparse.Namespace) -> tuple[dict, str]:
+    from big_vision_lite.bench.siglip_train import format_siglip_train_table, run_siglip_train_bench
+
+    result = run_siglip_train_bench()
+    return result, format_siglip_train_table(result)
+
+
+def _bench_kv_eviction(args: argparse.Namespace) -> tuple[dict, str]:
     from big_vision_lite.bench.kv_eviction import (
         format_kv_eviction_table,
         plot_kv_eviction,
@@ -175,10 +179,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     result = run_kv_eviction_bench(args.model, **settings_from_args(args))
-    status = report(result, format_kv_eviction_table(result), args.json)
     if args.plot:
         plot_kv_eviction(result, args.plot)
-    return status
+    return result, format_kv_eviction_table(result)
+
+
+BENCHMARKS = {"forward": _bench_forward, "decode": _bench_decode, "siglip-loss": _bench_siglip_loss,
+              "siglip-train": _bench_siglip_train, "kv-eviction": _bench_kv_eviction}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`bvl bench NAME`: runs the benchmark, prints its table, writes its JSON (--json); exits 1 below target."""
+    from big_vision_lite.bench.harness import report
+
+    result, table = BENCHMARKS[args.bench](args)
+    return report(result, table, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: ours and the PyTorch peer in one run")
     bench.set_defaults(func=cmd_bench)
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_sub = bench.add_subparsers(dest="bench", required=True)  # one parser per BENCHMARKS name
     p = bench_sub.add_parser("forward", help="jitted prefill forward vs transformers eager and sdpa")
     p.add_argument("model")
     p.add_argument("--dtype", choices=dtypes, default="float32")

@@ -16,10 +16,17 @@ def test_interleaved_times_rotates_the_order():
     assert set(times) == set("abc") and all(len(ts) == 4 and min(ts) >= 0 for ts in times.values())
 
 
-def test_timed_interleaved_records_the_background_load():
-    times, background = harness.timed_interleaved({"a": lambda: sum(range(10_000))}, repeats=3)
+def test_background_cpu_is_the_others_share_of_the_machine(monkeypatch):
+    """(busy CPU-seconds of the machine, of this process, wall seconds): between the two readings the machine was
+    busy 4 s, 1 of them ours, over 2 s on 2 CPUs: the others took 3 / 4 of it."""
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(harness, "cpu_counters", lambda: (14.0, 2.0, 102.0))
+    assert harness.background_cpu((10.0, 1.0, 100.0)) == 0.75
+    assert harness.background_cpu(None) is None
+    monkeypatch.setattr(harness, "cpu_counters", lambda: (30.0, 1.0, 101.0))  # more than every core: capped
+    assert harness.background_cpu((10.0, 1.0, 100.0)) == 1.0
+    times, _ = harness.timed_interleaved({"a": lambda: sum(range(10_000))}, repeats=3)
     assert len(times["a"]) == 3
-    assert background is None or 0.0 <= background <= 1.0
 
 
 def test_milliseconds():

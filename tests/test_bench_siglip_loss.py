@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from big_vision_lite.bench.siglip_loss import (
@@ -9,6 +10,7 @@ from big_vision_lite.bench.siglip_loss import (
     IMPLS,
     TARGETS,
     format_siglip_loss_table,
+    max_rel_diff,
     rss_in_subprocess,
     run_siglip_loss_bench,
 )
@@ -75,3 +77,10 @@ def test_rss_probe_in_subprocess():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="block_size"):
         run_siglip_loss_bench((8,), dim=4, block_size=0)
+
+
+def test_a_nan_gradient_breaks_the_agreement():
+    ref = (np.float32(1.0), np.ones(3, np.float32))
+    assert max_rel_diff(ref, ref) == 0.0
+    assert np.isnan(max_rel_diff(ref, (np.float32(1.0), np.array([1.0, np.nan, 1.0], np.float32))))
+    assert not max_rel_diff(ref, (np.float32(np.nan), np.ones(3, np.float32))) <= AGREE_TOL

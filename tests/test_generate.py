@@ -124,3 +124,11 @@ def test_cli_generate_input_errors(tiny_with_tokenizer, tiny_checkpoints, tmp_pa
     assert "max_new_tokens must be >= 1" in capsys.readouterr().err
     assert main(["generate", str(tiny_checkpoints["llama"]), "--prompt", "x"]) == 2
     assert "no tokenizer.json or tokenizer.model" in capsys.readouterr().err
+    # A model of the wrong kind for the request is named as such, before anything is generated.
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
+    assert main(["generate", model, "--image", str(tmp_path / "image.png"), "--prompt", "x"]) == 2
+    assert "is a decoder model; --image needs a PaliGemma" in capsys.readouterr().err
+    assert main(["parity", str(tmp_path)]) == 2  # neither an HF folder nor a workdir
+    assert "not a model: it holds neither config.json" in capsys.readouterr().err

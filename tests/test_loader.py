@@ -86,9 +86,10 @@ def test_npz_needs_its_config_and_nothing_else_takes_one(tmp_path, tiny_checkpoi
         load(tiny_checkpoints["gemma2"], config=cfg)
 
 
-def test_a_training_workdir_loads_in_the_dtype_it_trained_in(tmp_path):
-    """A run's model.json and newest checkpoint (written here by hand, as the loop writes them) load as its kind;
-    runs written before model.json named its kind (PaliGemma's, with `scan`) still load."""
+def test_a_training_workdir_loads_in_the_dtypes_it_trained_in(tmp_path):
+    """A run's model.json and newest checkpoint (written here by hand, as the loop writes them) load as its kind,
+    computing in its dtype with parameters in its parameter dtype (float32, as training keeps them); runs written
+    before model.json named its kind (PaliGemma's, with `scan`) still load, and older ones say what to do."""
     import orbax.checkpoint as ocp
 
     from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_DIR
@@ -105,14 +106,20 @@ def test_a_training_workdir_loads_in_the_dtype_it_trained_in(tmp_path):
     loaded = load(workdir)
     assert loaded.kind == "paligemma" and loaded.config == cfg and loaded.tokenizer is not None
     assert loaded.module.dtype == jnp.bfloat16 and {a.dtype for a in _leaves(loaded.params)} == {
-        jnp.dtype(jnp.bfloat16)}
-    np.testing.assert_array_equal(np.asarray(loaded.params["llm"]["final_norm"]["scale"], np.float32),
-                                  params["llm"]["final_norm"]["scale"].astype(jnp.bfloat16).astype(np.float32))
+        jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(loaded.params["llm"]["final_norm"]["scale"], params["llm"]["final_norm"]["scale"])
+    assert {a.dtype for a in _leaves(load(workdir, param_dtype="bfloat16").params)} == {jnp.dtype(jnp.bfloat16)}
     # The first runs' model.json: no kind, `scan` instead of scan_layers, and legacy ViT fields.
     legacy = {"model": paligemma_config_to_dict(cfg), "dtype": "float32", "scan": False, "prompt": "caption"}
     legacy["model"]["vision"] |= {"scan": False, "remat": False, "dtype": "float32"}
     (workdir / MODEL_FILE).write_text(json.dumps(legacy))
     assert load(workdir).config == cfg and load(workdir).module.dtype == jnp.float32
+    # Older still: SigLIP runs before model.json existed hold only the experiment config (config.json, with a task).
+    (workdir / MODEL_FILE).unlink()
+    (workdir / "config.json").write_text(json.dumps({"task": "siglip", "total_steps": 3}))
+    with pytest.raises(CheckpointError, match=r"run: a training workdir written before runs recorded their model .* "
+                                              r"run its `bvl train CONFIG --workdir .*` once more"):
+        load(workdir)
 
 
 def test_what_is_not_a_model_gets_one_line_naming_it(tmp_path):

@@ -28,7 +28,8 @@ _REPORT_LEAVES = textwrap.dedent("""
     from jax.sharding import NamedSharding
     from big_vision_lite.train.config import apply_overrides, load_config
     from big_vision_lite.train.loop import prepare
-    from big_vision_lite.train.sharding import path_name, shard_batch, spec_for
+    from big_vision_lite.train.sharding import shard_batch, spec_for
+    from big_vision_lite.utils.trees import path_name
 
     MOMENTS = ("mu", "nu")
     # `kernels` anchors its first rule at a parameter name (`img/...`), which a rule matched against state paths
@@ -153,8 +154,9 @@ def test_fsdp_splits_the_large_kernels_and_replicates_scalars(report):
 
 
 def test_kernel_rule_splits_kernels_and_replicates_the_rest(report):
-    """With `[("kernel$", "fsdp"), (".*", "replicate")]` (first match wins) the kernels are split and the small
-    leaves (biases, norm scales, `t`, `b`) are whole on every device, in the parameters and in Adam's moments."""
+    """With `[("^(img|txt)/.*kernel$", "fsdp"), (".*", "replicate")]` (first match wins) the kernels are split and
+    the small leaves (biases, norm scales, `t`, `b`) are whole on every device, in the parameters and in Adam's
+    moments."""
     rows = report["kernels"]["params"] + [r for r in report["kernels"]["opt_state"] if r["moment"]]
     kernels = [r for r in rows if r["name"].endswith("kernel")]
     others = [r for r in rows if not r["name"].endswith("kernel")]

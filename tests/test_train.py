@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from big_vision_lite.checkpoints.run import CHECKPOINT_DIR
-from big_vision_lite.train.checkpoint import CORRUPT_DIR, Checkpointer
+from big_vision_lite.train.checkpoint import CORRUPT_DIR, Checkpointer, StateMismatchError
 from big_vision_lite.train.config import ConfigError, apply_overrides, load_config
 from big_vision_lite.train.loop import NonFiniteLossError, train
 from big_vision_lite.train.metrics import METRICS_FILE, read_metrics
@@ -135,6 +135,24 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path):
         result = train(toy_config(), tmp_path, progress=False)
     assert result.start_step == 4 and result.final_step == 12
     assert (tmp_path / CORRUPT_DIR / "8").is_dir()  # set aside, not deleted
+
+
+class WiderToyTask(ToyTask):
+    """The toy model with one more parameter: what a changed model config builds."""
+
+    def init_params(self, rng):
+        return {**super().init_params(rng), "extra": {"scale": jnp.ones((2,))}}
+
+
+def test_a_checkpoint_of_another_config_is_refused_not_set_aside(tmp_path, monkeypatch):
+    train(toy_config(), tmp_path, stop_at=8, progress=False)
+    monkeypatch.setitem(TASKS, "wider", WiderToyTask)
+    with pytest.raises(StateMismatchError, match=r"checkpoints/8 holds another state .*params/extra/scale.* "
+                                                 r"nothing was moved"):
+        train(toy_config(task="wider"), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert not (tmp_path / CORRUPT_DIR).exists()
+    assert train(toy_config(), tmp_path, progress=False).start_step == 8  # the right config still resumes
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

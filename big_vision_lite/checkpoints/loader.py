@@ -26,7 +26,12 @@ from big_vision_lite.checkpoints.hf_decoder import SUPPORTED_MODEL_TYPES, read_d
 from big_vision_lite.checkpoints.hf_paligemma import read_paligemma_hf
 from big_vision_lite.checkpoints.hf_siglip import read_siglip_hf
 from big_vision_lite.checkpoints.npz import load_npz_params
-from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, UnknownModelError, resolve_model_path
+from big_vision_lite.checkpoints.packaged import (
+    PACKAGED_MODELS,
+    UnknownModelError,
+    is_packaged_name,
+    resolve_model_path,
+)
 from big_vision_lite.checkpoints.tokenizer import Tokenizer, has_tokenizer_files, load_tokenizer
 from big_vision_lite.models.gemma import Decoder, DecoderConfig, relayout_layers
 from big_vision_lite.models.paligemma import (
@@ -57,9 +62,9 @@ class Loaded:
 def detect_kind(name_or_path: str | Path) -> str:
     """The kind (one of KINDS) of what `name_or_path` names; a ValueError naming it when it is none of them."""
     path = Path(name_or_path).expanduser()
+    if is_packaged_name(name_or_path):
+        return "decoder"
     if not path.exists():
-        if str(name_or_path) in PACKAGED_MODELS:
-            return "decoder"
         raise UnknownModelError(f"{name_or_path!r} is not an existing path (no such file or folder) nor a packaged "
                                 f"model name; packaged models: {', '.join(sorted(PACKAGED_MODELS))}")
     if path.is_file():
@@ -69,6 +74,10 @@ def detect_kind(name_or_path: str | Path) -> str:
                               f"name or a big_vision .npz file")
     if run.is_run(path):
         return run.read_run_info(path).kind
+    if run.is_unrecorded_run(path):
+        raise CheckpointError(f"{path}: a training workdir written before runs recorded their model (no "
+                              f"{run.MODEL_FILE}): run its `bvl train CONFIG --workdir {path}` once more (it "
+                              f"resumes, or re-evaluates a finished run, and writes {run.MODEL_FILE}), then load it")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a model: it holds neither config.json (an HF folder) nor model.json (a "
                               f"training workdir of ours)")
@@ -92,9 +101,9 @@ def load(
 ) -> Loaded:
     """Reads `name_or_path` (see the module docstring) into a module of its kind and its params.
 
-    `dtype` is the compute dtype (default: a run's own, float32 otherwise), `param_dtype` the params' (default:
-    `dtype`); `module_options` go to the module (e.g. `return_hidden=True`, `remat_policy=...`). `config` is the
-    PaliGemmaConfig of an `.npz` file and is refused for every other source.
+    `dtype` is the compute dtype (default: a run's own, float32 otherwise), `param_dtype` the params' (default: a
+    run's own, else `dtype`); `module_options` go to the module (e.g. `return_hidden=True`, `remat_policy=...`).
+    `config` is the PaliGemmaConfig of an `.npz` file and is refused for every other source.
     """
     kind = detect_kind(name_or_path)
     path = Path(name_or_path).expanduser()
@@ -102,7 +111,9 @@ def load(
     if config is not None and path.suffix != ".npz":
         raise ValueError(f"config= is for big_vision .npz files, which hold none; {name_or_path} has its own")
     dtype = as_dtype(dtype if dtype is not None else run_info.dtype if run_info else "float32")
-    param_dtype = as_dtype(param_dtype if param_dtype is not None else dtype)
+    if param_dtype is None:
+        param_dtype = run_info.param_dtype if run_info else dtype
+    param_dtype = as_dtype(param_dtype)
     settings = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, **module_options)
 
     tokenizer = None
@@ -117,12 +128,12 @@ def load(
     elif path.suffix == ".npz" and path.is_file():
         if config is None:
             raise ValueError(f"{path}: a big_vision .npz holds no config; pass config=PaliGemmaConfig(...)")
-        cfg, params, source = config, load_npz_params(path, config), path
+        cfg, params, source = config, load_npz_params(path, config, scan_layers), path
     else:
         source = resolve_model_path(str(name_or_path))
         read = {"decoder": read_decoder_hf, "siglip": read_siglip_hf, "paligemma": read_paligemma_hf}[kind]
         cfg, params, _ = read(source)
-        if str(name_or_path) in PACKAGED_MODELS and not path.exists():
+        if is_packaged_name(name_or_path):
             tokenizer = load_tokenizer(str(name_or_path))
         elif has_tokenizer_files(source):
             tokenizer = load_tokenizer(source)

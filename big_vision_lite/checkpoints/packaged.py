@@ -89,12 +89,18 @@ def packaged_gguf_path(name: str) -> Path:
     return target
 
 
+def is_packaged_name(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether `name_or_path` names a packaged model: one of PACKAGED_MODELS that is not an existing path (a folder
+    of that name wins). Every part of the package asks this question here."""
+    return str(name_or_path) in PACKAGED_MODELS and not Path(name_or_path).expanduser().exists()
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """An existing directory as is; a packaged model name -> its converted HF folder (converting if needed)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if name_or_path not in PACKAGED_MODELS:
+    if not is_packaged_name(name_or_path):
         raise UnknownModelError(
             f"{name_or_path!r} is not an existing directory (no such path) nor a packaged model name; "
             f"packaged models: {_known_names()}"

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.utils.atomic import write_text_atomic
+from big_vision_lite.utils.trees import path_name
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.json"
@@ -31,11 +32,13 @@ RUN_KINDS = ("siglip", "paligemma")
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
     """What `model.json` holds: the model kind, its config dict (`paligemma_config_to_dict` or the two-tower
-    `dataclasses.asdict`), the module settings the run trained with, and (PaliGemma) the training prompt."""
+    `dataclasses.asdict`), the module settings the run trained with (compute and parameter dtypes by name), and
+    (PaliGemma) the training prompt."""
 
     kind: str
     model: dict[str, Any]
     dtype: str = "float32"
+    param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str | None = None
     prompt: str | None = None
@@ -48,6 +51,18 @@ class RunInfo:
 def is_run(path: str | Path) -> bool:
     """Whether `path` is a training workdir that describes its model (model.json)."""
     return (Path(path) / MODEL_FILE).is_file()
+
+
+def is_unrecorded_run(path: str | Path) -> bool:
+    """Whether `path` is a training workdir written before runs recorded their model: checkpoints and the
+    experiment config (which names a task), but no model.json."""
+    path = Path(path)
+    if is_run(path) or not (path / CHECKPOINT_DIR).is_dir() or not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        return "task" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except ValueError:
+        return False
 
 
 def write_run_info(workdir: str | Path, info: RunInfo) -> Path:
@@ -74,6 +89,18 @@ def _manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "meta": ocp.JsonCheckpointHandler()})
+
+
+def saved_state_shapes(workdir: str | Path, step: int) -> dict[str, tuple[int, ...]] | None:
+    """Leaf path -> shape of the state saved at `step` (from the checkpoint's metadata), None if unreadable."""
+    manager = _manager(Path(workdir).absolute() / CHECKPOINT_DIR)
+    try:
+        metadata = manager.item_metadata(step)["state"]
+        return {path_name(path): tuple(m.shape) for path, m in jax.tree_util.tree_leaves_with_path(metadata)}
+    except Exception:  # unreadable metadata: the checkpoint is corrupt, which the caller finds out on restore
+        return None
+    finally:
+        manager.close()
 
 
 def latest_step(workdir: str | Path) -> int | None:

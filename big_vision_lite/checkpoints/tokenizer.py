@@ -36,7 +36,12 @@ from big_vision_lite.checkpoints.gguf.tokenizer import (
     special_tokens_template,
     write_tokenizer_files,
 )
-from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, converted_folder, packaged_gguf_path
+from big_vision_lite.checkpoints.packaged import (
+    PACKAGED_MODELS,
+    converted_folder,
+    is_packaged_name,
+    packaged_gguf_path,
+)
 from big_vision_lite.utils.atomic import atomic_folder
 from big_vision_lite.utils.paths import cache_dir
 
@@ -148,7 +153,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Tokenizer:
             )
         return _load_gguf(path)
     name = str(name_or_path)
-    if name in PACKAGED_MODELS:
+    if is_packaged_name(name):
         gguf_path = packaged_gguf_path(name)
         converted = converted_folder(name)
         if is_conversion_current(converted, gguf_path) and (converted / TOKENIZER_FILE).is_file():

@@ -63,7 +63,7 @@ def decode_step(module: nn.Module, params: Any, token: jax.Array, cache: KVCache
     return logits, cache, key_valid, out
 
 
-def slot_step(module: nn.Module, params: Any, token: jax.Array, position: jax.Array, cache: SlotCache
+def slot_step(module: nn.Module, params: Any, token: jax.Array, cache: SlotCache, position: jax.Array
               ) -> tuple[jax.Array, SlotCache, dict[str, Any]]:
     """One step over a slot cache (an evicting cache, `cache.SlotCache`): the caller chose each row's and kv head's
     slot and wrote the position [B] of `token` [B] there, so the masks come from the slot positions alone.
@@ -161,7 +161,7 @@ class Generated:
     tokens: np.ndarray
     lengths: np.ndarray
     cache: KVCache
-    prefill: dict[str, Any]
+    prefill_out: dict[str, Any]
     records: Any = None
 
 

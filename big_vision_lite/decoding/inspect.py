@@ -148,7 +148,7 @@ def capture_generation(
     record = AttentionRecord(layers, float(p), int(num_sinks), bool(keep_probs))
     decoded = generate(module.clone(return_probs=True), params, tokens, input_mask, max_new_tokens, record=record)
     mask = jnp.asarray(input_mask)
-    prefill = _reduce_prefill(decoded.prefill["attn_probs"][np.asarray(layers)], float(p), int(num_sinks), mask,
+    prefill = _reduce_prefill(decoded.prefill_out["attn_probs"][np.asarray(layers)], float(p), int(num_sinks), mask,
                               positions_from_mask(mask))
     ys, cache = decoded.records, decoded.cache
     chosen = np.asarray(layers)

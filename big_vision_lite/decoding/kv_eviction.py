@@ -197,7 +197,7 @@ def step(module: nn.Module, params: Any, state: EvictionState, token: jax.Array,
         scores.append(jnp.where(here, 0.0, score))  # a new token starts with a clean score
     cache = SlotCache(cache.k, cache.v, tuple(held), free_slot)
     module = module.clone(return_probs=True)  # the scores feed on every layer's attention
-    logits, cache, out = slot_step(module, params, token, position, cache)
+    logits, cache, out = slot_step(module, params, token, cache, position)
     probs = tuple(p[:, :, 0] for p in out["attn_probs"])  # [B, N, S_i]
 
     evicted, forced = state.evicted, state.forced

@@ -106,7 +106,7 @@ class Attention(nn.Module):
         q = q * jnp.asarray(first.query_scale, q.dtype)
 
         if kv is not None:
-            k, v = kv.append(k, v)  # [B, S, K, H]
+            k, v = kv.write(k, v)  # [B, S, K, H]
 
         q = einops.rearrange(q, "B T (K G) H -> B T K G H", K=num_kv_heads)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)

@@ -10,7 +10,7 @@ Axis letters: L layers, B batch, S cache slots (key tokens), T new tokens, K kv 
   eviction policy can free different slots per row and head.
 
 Masks are never implied by a cache kind: every kind stores its keys' positions, and the masks in `masks.py` are
-derived from them. `LayerKV` is one layer's view of any of the three: Attention calls `append` and gets the keys and
+derived from them. `LayerKV` is one layer's view of any of the three: Attention calls `write` and gets the keys and
 values to attend to, whatever the kind.
 """
 
@@ -35,7 +35,7 @@ class LayerKV(NamedTuple):
     v: jax.Array
     write_at: jax.Array | None = None
 
-    def append(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def write(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The keys and values [B, S', K, H] to attend to once the new k, v [B, T, K, H] are written."""
         if self.write_at is None:
             return (jnp.concatenate([self.k.astype(k.dtype), k], axis=1),

@@ -370,7 +370,7 @@ class Decoder(nn.Module):
         """This decoder with unrolled layers and `params` relaid out to match (what decode loops run)."""
         if not self.scan_layers:
             return self, params
-        return self.clone(scan_layers=False), unstack_layers(params, self.configs[0].depth)
+        return self.clone(scan_layers=False), relayout_layers(params, self.configs[0].depth, scan_layers=False)
 
 
 def stack_layers(params: dict, depth: int) -> dict:

@@ -15,38 +15,47 @@ from typing import Any
 
 import jax
 
-from big_vision_lite.checkpoints import load
-from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS
+from big_vision_lite.checkpoints import detect_kind, load, run
+from big_vision_lite.checkpoints.packaged import is_packaged_name
 from big_vision_lite.parity import decoder, paligemma, siglip, torch_side
 from big_vision_lite.parity.report import ParityReport, default_tolerance
+from big_vision_lite.utils.dtypes import dtype_name
 from big_vision_lite.utils.timing import Stopwatch
 
 COMPARE = {"decoder": decoder.compare, "siglip": siglip.compare, "paligemma": paligemma.compare}
 
 
-def run_parity(model: str, dtype: str = "float32", *, tolerance: float | None = None, seq_len: int | None = None,
+def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = None, seq_len: int | None = None,
                **options: Any) -> ParityReport:
-    """Compares our `model` (anything `checkpoints.load` takes but an .npz) with transformers in `dtype`.
+    """Compares our `model` with transformers in `dtype` (a name or a jnp dtype): a packaged name or an HF folder,
+    the sources transformers reads too.
 
     `tolerance` defaults by dtype and model size (`report.TOLERANCES`); `seq_len` is the decoder batch's length
     (default: longer than any sliding window) and is refused for other kinds; `options` go to the kind's `compare`
-    (e.g. `greedy_tokens`).
+    (e.g. `greedy_tokens`). Decoders and PaliGemma run with scanned layers (the generation inside unrolls them),
+    SigLIP with unrolled blocks: the layouts the published figures were measured with.
     """
+    dtype = dtype_name(dtype)
+    kind = detect_kind(model)
+    path = Path(model).expanduser()
+    if not is_packaged_name(model) and (path.is_file() or run.is_run(path)):
+        raise ValueError(f"{model}: parity compares with transformers, which reads HF folders and packaged models, "
+                         f"not {'a big_vision .npz' if path.is_file() else 'a training workdir'}")
+    if seq_len is not None:
+        if kind != "decoder":
+            raise ValueError(f"--seq-len sets the decoder batch's length; {model} is a {kind} model, whose batch "
+                             f"follows its config")
+        options["seq_len"] = seq_len
     watch = Stopwatch()
     with watch("load_ours"):
-        loaded = load(model, dtype, return_hidden=True)
-    if seq_len is not None:
-        if loaded.kind != "decoder":
-            raise ValueError(f"--seq-len sets the decoder batch's length; {model} is a {loaded.kind} model, whose "
-                             f"batch follows its config")
-        options["seq_len"] = seq_len
+        loaded = load(model, dtype, scan_layers=kind != "siglip", return_hidden=True)
     with watch("load_reference"):
         reference = torch_side.load_reference(loaded.kind, model, dtype)
     # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which
     # would be our error, not the model's. No effect on the CPU.
     with jax.default_matmul_precision("highest"):
         fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
-    name = str(model) if str(model) in PACKAGED_MODELS and not Path(model).exists() else Path(model).name
+    name = str(model) if is_packaged_name(model) else path.name
     return ParityReport(model=name, dtype=dtype, seconds=watch.seconds,
                         tolerance=tolerance if tolerance is not None else default_tolerance(loaded.params, dtype),
                         **fields)

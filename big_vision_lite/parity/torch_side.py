@@ -11,20 +11,22 @@ from typing import Any
 
 import numpy as np
 
-from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS, packaged_gguf_path
+from big_vision_lite.checkpoints.packaged import is_packaged_name, packaged_gguf_path
+from big_vision_lite.utils.dtypes import dtype_name
 
 # The transformers class of each model kind (`checkpoints.KINDS`).
 REFERENCE_CLASSES = {"decoder": "AutoModelForCausalLM", "siglip": "SiglipModel",
                      "paligemma": "PaliGemmaForConditionalGeneration"}
 
 
-def torch_dtype(dtype: str) -> Any:
+def torch_dtype(dtype: Any) -> Any:
+    """The torch dtype of `dtype` (a name or a jnp dtype, see utils.dtypes)."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return getattr(torch, dtype_name(dtype))
 
 
-def load_reference(kind: str, name_or_path: str | Path, dtype: str, attn_implementation: str = "eager") -> Any:
+def load_reference(kind: str, name_or_path: str | Path, dtype: Any, attn_implementation: str = "eager") -> Any:
     """The transformers model of `kind` for the same weights, in eval mode: a packaged decoder from its GGUF file
     (what transformers itself reads), anything else from its HF folder."""
     import transformers
@@ -32,7 +34,7 @@ def load_reference(kind: str, name_or_path: str | Path, dtype: str, attn_impleme
     model_class = getattr(transformers, REFERENCE_CLASSES[kind])
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "attn_implementation": attn_implementation}
     name = str(name_or_path)
-    if name in PACKAGED_MODELS and not Path(name).exists():
+    if is_packaged_name(name):
         gguf = packaged_gguf_path(name)
         model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
     else:

@@ -6,7 +6,9 @@ temporary folder and renames it only once complete, so a crash (even `kill -9`) 
 checkpoint as the latest; leftover temporary folders are removed on the next start.
 
 Restoring tries the latest step first. A checkpoint that fails to restore (truncated or deleted files) is moved
-to `DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried.
+to `DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried. A checkpoint that
+reads fine but holds another state than the config builds (another model or optimizer config) is not corrupt:
+`StateMismatchError` names what differs and nothing is moved.
 """
 
 import shutil
@@ -17,9 +19,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from big_vision_lite.checkpoints.run import CHECKPOINT_DIR
+from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, saved_state_shapes
+from big_vision_lite.utils.trees import path_name
 
 CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class StateMismatchError(ValueError):
+    """A readable checkpoint whose state differs from the one this config builds."""
 
 
 class Checkpointer:
@@ -61,9 +68,25 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 _check_same_structure(abstract_state, restored.state, step)
                 return step, restored.state, dict(restored.meta)
-            except Exception as error:  # any failure to read means this checkpoint is unusable
+            except Exception as error:  # unusable: set aside, unless it is a readable state of another config
+                self._refuse_other_state(step, abstract_state)
                 self._set_aside(step, error)
         return None
+
+    def _refuse_other_state(self, step: int, abstract_state: Any) -> None:
+        """Raises StateMismatchError when the checkpoint at `step` is readable but holds another state."""
+        saved = saved_state_shapes(self.workdir, step)
+        if saved is None:
+            return
+        expected = {path_name(path): tuple(leaf.shape)
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        if saved == expected:
+            return
+        differ = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+        raise StateMismatchError(
+            f"checkpoint {self.directory / str(step)} holds another state than this config builds (first "
+            f"differences: {differ[:3]}): it was written with another model or optimizer config. Resume with that "
+            f"config, or train in a new workdir; nothing was moved")
 
     def _set_aside(self, step: int, error: Exception) -> None:
         source = self.directory / str(step)

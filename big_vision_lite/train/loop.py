@@ -38,9 +38,8 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from big_vision_lite.checkpoints.run import CONFIG_FILE, latest_step
+from big_vision_lite.checkpoints.run import CONFIG_FILE
 from big_vision_lite.train.checkpoint import Checkpointer
-from big_vision_lite.train.config import load_config
 from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from big_vision_lite.train.runs import Requirement
@@ -159,6 +158,7 @@ class Trainer:
     task: Task
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
+    state_shape: Any  # shapes and dtypes of the state (jax.ShapeDtypeStruct leaves)
     state_shardings: Any
     init_rng: jax.Array  # the parameters' initialisation
     loop_rng: jax.Array  # the state's rng, folded with the step for every step
@@ -176,9 +176,7 @@ class Trainer:
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
-        shapes = jax.eval_shape(lambda rng: new_train_state(self.task.init_params(rng), self.optimizer,
-                                                            self.loop_rng), self.init_rng)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.state_shape,
                             self.state_shardings)
 
 
@@ -200,16 +198,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Trainer:
     shardings = tree_shardings(state_shape, mesh, rules)
     step = jax.jit(build_train_step(task, optimizer, schedule, trainable),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None), donate_argnums=0)
-    return Trainer(config, mesh, task, optimizer, schedule, shardings, init_rng, loop_rng, step)
+    return Trainer(config, mesh, task, optimizer, schedule, state_shape, shardings, init_rng, loop_rng, step)
 
 
 def train_requirements(config: ml_collections.ConfigDict, *, progress: bool = True) -> None:
     """Trains (or resumes) every run `config`'s task requires that has not finished."""
     for requirement in task_class(config.task).requires(config):
-        required = load_config(requirement.config)
-        if latest_step(requirement.workdir) != required.total_steps:
+        if not requirement.finished():
             print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
-            train(required, requirement.workdir, progress=progress)
+            train(requirement.load_config(), requirement.workdir, progress=progress)
 
 
 class _PendingMetrics:

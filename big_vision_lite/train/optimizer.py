@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import optax
 
-from big_vision_lite.train.sharding import path_name
+from big_vision_lite.utils.trees import path_name
 
 OPTIMIZER_KEYS = ("lr", "warmup_steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm")
 

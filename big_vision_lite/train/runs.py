@@ -7,6 +7,10 @@ that has not finished (or resumes it) before it builds the task, and the task th
 import dataclasses
 from pathlib import Path
 
+import ml_collections
+
+from big_vision_lite.checkpoints.run import latest_step
+from big_vision_lite.train.config import load_config
 from big_vision_lite.utils.paths import cache_dir
 
 
@@ -18,6 +22,13 @@ class Requirement:
     config: str
     workdir: Path
     why: str
+
+    def load_config(self) -> ml_collections.ConfigDict:
+        return load_config(self.config)
+
+    def finished(self) -> bool:
+        """Whether the workdir holds the run's final checkpoint (step `total_steps`)."""
+        return latest_step(self.workdir) == self.load_config().total_steps
 
 
 def default_workdir(config: str) -> Path:

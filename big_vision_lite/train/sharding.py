@@ -24,6 +24,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from big_vision_lite.utils.trees import path_name
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch axis of inputs and activations is split over every device
 
@@ -42,19 +44,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {count} are available")
     # Auto axes: jit inserts the collectives; JAX >= 0.10 would otherwise default to explicit sharding types.
     return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """'/'-joined parameter path, e.g. `img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:

@@ -45,9 +45,9 @@ from big_vision_lite.models.paligemma import (
     paligemma_config_to_dict,
 )
 from big_vision_lite.models.vit import ViTConfig, make_config, relayout_vit
-from big_vision_lite.train.config import load_config
 from big_vision_lite.train.runs import Requirement, default_workdir
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
+from big_vision_lite.utils.dtypes import as_dtype, dtype_name
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 NOVEL_PAIRS = "eval/novel_pairs/"  # metric prefix of the shapes' compositional split
@@ -57,23 +57,21 @@ EVAL_KEYS = ("eval/caption_exact_match", *(f"eval/{a}_acc" for a in ATTRIBUTES),
 VISION_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "norm_eps")
 
 
-def siglip_workdir(init: ml_collections.ConfigDict) -> Path:
-    """The workdir of the SigLIP run the vision tower starts from."""
-    return Path(init.siglip_workdir) if init.siglip_workdir else default_workdir(init.siglip_config)
+def siglip_requirement(init: ml_collections.ConfigDict) -> Requirement:
+    """The SigLIP run the vision tower starts from: `init.siglip_config` in `init.siglip_workdir` (default: the
+    cache directory's shared run of that config)."""
+    workdir = Path(init.siglip_workdir) if init.siglip_workdir else default_workdir(init.siglip_config)
+    return Requirement(init.siglip_config, workdir, "the PaliGemma vision tower starts from this SigLIP run")
 
 
 def siglip_vision_init(init: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """(the SigLIP run's config, its image tower params); the run must have finished (the task requires it)."""
-    siglip = load_config(init.siglip_config)
-    workdir = siglip_workdir(init)
-    try:
-        step, params = load_params(workdir)
-    except FileNotFoundError:
-        step = None
-    if step != siglip.total_steps:
-        raise ValueError(f"the SigLIP run in {workdir} has not finished (step {step} of {siglip.total_steps}): "
-                         f"train it first with `bvl train {init.siglip_config} --workdir {workdir}`")
-    return siglip, params["img"]
+    requirement = siglip_requirement(init)
+    if not requirement.finished():
+        raise ValueError(f"the SigLIP run in {requirement.workdir} has not finished: train it first with "
+                         f"`bvl train {init.siglip_config} --workdir {requirement.workdir}`")
+    _, params = load_params(requirement.workdir)
+    return requirement.load_config(), params["img"]
 
 
 def vision_config(siglip: ml_collections.ConfigDict, llm_width: int) -> ViTConfig:
@@ -132,8 +130,7 @@ class PaliGemmaTask:
     @staticmethod
     def requires(config: ml_collections.ConfigDict) -> tuple[Requirement, ...]:
         """The SigLIP run the vision tower starts from."""
-        return (Requirement(config.init.siglip_config, siglip_workdir(config.init),
-                            "the PaliGemma vision tower starts from this SigLIP run"),)
+        return (siglip_requirement(config.init),)
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
         self.config, self.mesh = config, mesh
@@ -147,11 +144,13 @@ class PaliGemmaTask:
         self.processor = PaliGemmaProcessor(tokenizer, image_size=config.data.image_size,
                                             num_image_tokens=vision.num_patches)
         llm = decoder_config(model.llm.to_dict(), self.processor.vocab_size)
-        self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id), dtype=model.dtype,
-                               scan_layers=model.scan_layers, remat_policy=model.remat_policy)
-        write_run_info(workdir, RunInfo("paligemma", paligemma_config_to_dict(self.model.config), dtype=model.dtype,
-                                        scan_layers=model.scan_layers, remat_policy=model.remat_policy,
-                                        prompt=config.text.prompt))
+        self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
+                               dtype=as_dtype(model.dtype), scan_layers=model.scan_layers,
+                               remat_policy=model.remat_policy)
+        write_run_info(workdir, RunInfo("paligemma", paligemma_config_to_dict(self.model.config),
+                                        dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(
+                                            self.model.param_dtype), scan_layers=model.scan_layers,
+                                        remat_policy=model.remat_policy, prompt=config.text.prompt))
         self._loader = None
         captions = list(dict.fromkeys(c for source in self.eval_sources.values() if hasattr(source, "captions")
                                       for c in source.captions()))  # shapes splits share one caption list

@@ -34,7 +34,7 @@ from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers
 from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import BATCH_AXES, constrain_batch
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
-from big_vision_lite.utils.dtypes import dtype_name
+from big_vision_lite.utils.dtypes import as_dtype, dtype_name
 
 EVAL_KEYS = ("eval/i2t_top1", "eval/t2i_top1")
 # Keys of `config.model` that are module settings (the same for both towers), not the towers' architecture.
@@ -60,9 +60,12 @@ class SiglipTask:
         settings = {k: model.pop(k) for k in MODULE_SETTINGS if k in model}
         model["image"]["image_size"] = config.data.image_size  # one source of truth for the image side
         model["text"] |= {"vocab_size": self.tokenizer.vocab_size, "max_len": config.text.max_len}
+        if "dtype" in settings:
+            settings["dtype"] = as_dtype(settings["dtype"])  # one kind of value: equal modules share compilations
         self.model = TwoTowers(two_towers_config(model), **settings)
         write_run_info(workdir, RunInfo("siglip", dataclasses.asdict(self.model.config),
-                                        dtype=dtype_name(self.model.dtype), scan_layers=self.model.scan_layers,
+                                        dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(
+                                            self.model.param_dtype), scan_layers=self.model.scan_layers,
                                         remat_policy=self.model.remat_policy))
         _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
         if config.batch_size % config.accum_steps:
