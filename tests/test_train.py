@@ -194,6 +194,21 @@ def test_config_file_and_overrides(tmp_path):
         load_config(str(tmp_path / "missing.py"))
 
 
+def test_config_names_are_packaged_configs_and_paths_must_exist(tmp_path, monkeypatch):
+    """A bare name is a packaged config from any directory; a path never falls back to one with its basename."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("siglip_shapes:smoke").total_steps == 6
+    with pytest.raises(ConfigError, match=r"unknown config 'siglip_shape': packaged configs are "
+                                          r"paligemma_shapes_caption, siglip_shapes"):
+        load_config("siglip_shape")
+    with pytest.raises(ConfigError, match=r"configs/siglip_shapes\.py does not exist"):
+        load_config("configs/siglip_shapes.py")  # the old repository path: not silently the packaged one
+    own = tmp_path / "mine.py"
+    own.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                   "    return ml_collections.ConfigDict({'a': arg})\n")
+    assert load_config(f"{own}:x").a == "x"
+
+
 def test_bad_loop_settings_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"config.batch_size must be an int >= 1, got 0"):
         train(toy_config(batch_size=0), tmp_path, progress=False)
