@@ -1,33 +1,72 @@
 """The `bvl` command line: parity, generation, inspection, training, demo and benchmarks.
 
 Argument parsing only: every command calls one function of the package. Input errors (a bad checkpoint, an unknown
-model name, a bad option) print one line without a traceback and exit 2; a check that runs but fails (parity out
-of tolerance, a benchmark below target) exits 1. The heavy modules are imported by the command that needs them, so
-`bvl --help` answers at once.
+model name, a bad option, a path that cannot be read or written) print one line without a traceback and exit 2;
+a check that runs but fails (parity out of tolerance, a benchmark below target, a training run stopped by a
+non-finite loss) exits 1. Output paths (--json, --out, --plot, --workdir) are checked before the work starts, so
+a long run never ends unable to write its results. The heavy modules are imported by the command that needs
+them, so `bvl --help` answers at once.
 """
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
+
+from big_vision_lite.utils.inputs import check_output_dir, check_output_file, read_text_file
 
 DEMO_MODEL = "gemma3-270m"
 DEMO_SIGLIP_CONFIG = "siglip_shapes"
 DEMO_PROMPTS = ("The capital of France is", "Here is a short poem about the sea:\n", "def fibonacci(n):")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`bvl train: error: ...`) and exit status 2, like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: `kind` (int or float) within [low, high] (an end excluded when open); NaN refused."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} in {allowed}, "
+                                             f"got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if math.isnan(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be in {allowed}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+FRACTION = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
+
+
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
         from big_vision_lite.utils.atomic import write_text_atomic
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(check_output_file(path, "--json"), json.dumps(payload, indent=2) + "\n")
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     from big_vision_lite.parity import run_parity
 
+    if args.json:
+        check_output_file(args.json, "--json")  # before the run: its results must not be lost at the end
     report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
     print(report.table())
     _write_json(args.json, report.to_json())
@@ -37,12 +76,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {path} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text_file(args.prompt_file, "--prompt-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompt-file {path} holds no prompt (one per non-empty line)")
+            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one per non-empty line)")
     if not prompts:
         raise ValueError("give at least one --prompt TEXT or a --prompt-file")
     return prompts
@@ -53,11 +90,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from big_vision_lite.generate import generate_image_text, generate_text
 
     sampler = SamplerConfig(args.temperature, args.top_k, args.top_p)  # checks the settings before loading
+    prompts = _read_prompts(args)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed, dtype=args.dtype)
     if getattr(args, "image", None):
-        result = generate_image_text(args.model, args.image, _read_prompts(args), **kwargs)
+        result = generate_image_text(args.model, args.image, prompts, **kwargs)
     else:
-        result = generate_text(args.model, _read_prompts(args), **kwargs)
+        result = generate_text(args.model, prompts, **kwargs)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -72,15 +110,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from big_vision_lite.checkpoints import load
     from big_vision_lite.decoding.engine import left_pad
     from big_vision_lite.decoding.inspect import capture_generation, check_settings, write_report
+    from big_vision_lite.generate import load_generator
 
     check_settings(args.max_new_tokens, args.p, args.num_sinks, args.look_back, args.similarity)  # before loading
-    loaded = load(args.model, args.dtype)
-    if loaded.kind != "decoder" or loaded.tokenizer is None:
-        raise ValueError(f"{args.model}: bvl inspect needs a decoder with its tokenizer, got a {loaded.kind} model"
-                         + ("" if loaded.tokenizer else " without tokenizer files"))
+    check_output_dir(args.out, "--out")
+    loaded = load_generator(args.model, "decoder", args.dtype, "bvl inspect records a decoder's attention")
     tokenizer = loaded.tokenizer
     tokens, mask = left_pad(tokenizer.encode_batch([args.prompt]), tokenizer.pad_id)
     capture = capture_generation(loaded.module, loaded.params, tokens, mask, args.max_new_tokens, layers=args.layers,
@@ -110,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         top_p=None, seed=0, dtype=None, json=False, image=None))
     print("\n== SigLIP from scratch on generated shapes: retrieval of held-out (colour, shape) pairs ==")
     trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:{args.siglip}",
-                                           workdir=str(_fresh_demo_workdir()), set=None))
+                                           workdir=str(_fresh_demo_workdir()), set=None, allow_config_change=False))
     return status or generated or trained
 
 
@@ -128,9 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from big_vision_lite.train.config import apply_overrides, load_config
     from big_vision_lite.train.loop import NonFiniteLossError, train
 
+    check_output_dir(args.workdir, "--workdir")
     config = apply_overrides(load_config(args.config), args.set or [])
     try:
-        result = train(config, args.workdir)
+        result = train(config, args.workdir, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as error:
         print(f"bvl: training stopped: {error}", file=sys.stderr)
         return 1
@@ -192,12 +229,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`bvl bench NAME`: runs the benchmark, prints its table, writes its JSON (--json); exits 1 below target."""
     from big_vision_lite.bench.harness import report
 
+    for option in ("json", "plot"):  # before the run: a long benchmark must not end unable to write its results
+        if getattr(args, option, None):
+            check_output_file(getattr(args, option), f"--{option}")
     result, table = BENCHMARKS[args.bench](args)
     return report(result, table, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bvl", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="bvl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = ["float32", "bfloat16"]
 
@@ -206,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(gemma3-270m, smollm2-135m)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--json", help="write the report as JSON to this file")
-    p.add_argument("--seq-len", type=int, help="decoders: tokens per row (default: longer than any sliding window)")
-    p.add_argument("--tolerance", type=float, help="max relative error (default: by dtype and model size)")
+    p.add_argument("--seq-len", type=POSITIVE_INT, help="decoders: tokens per row (default: longer than any sliding "
+                                                         "window)")
+    p.add_argument("--tolerance", type=_number(float, 0.0),
+                   help="max relative error (default: by dtype and model size; 0 demands equality)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("generate", help="continue prompts with the jitted decode loop")
@@ -217,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="PaliGemma: an image file, one for all prompts or one per prompt "
                                                    "(repeat the option, in the order of the prompts)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    p.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens (needs --temperature > 0)")
+    p.add_argument("--top-p", type=FRACTION, help="sample from the smallest set of tokens holding this probability "
+                                                  "mass (needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="the PRNG seed of sampling")
     p.add_argument("--dtype", choices=dtypes, help="default: a training run's own dtype, float32 otherwise")
     p.add_argument("--json", action="store_true", help="print the completions and timings as JSON")
@@ -230,12 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "keys, sinks, k/v similarity (JSON + PNG plots)")
     p.add_argument("model", help="an HF folder or a packaged model name (gemma3-270m, smollm2-135m)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="decoded without stopping at an end token")
-    p.add_argument("--p", type=float, default=0.95, help="the attention mass of each query's top-p key set")
-    p.add_argument("--look-back", type=int, default=20, help="queries after which an unused key counts as forgotten")
-    p.add_argument("--layers", type=int, nargs="+", help="layer indices to capture (default: all)")
-    p.add_argument("--num-sinks", type=int, default=1, help="leading positions counted as attention sinks")
-    p.add_argument("--similarity", type=float, default=0.9, help="cosine threshold of the k/v similarity counts")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="decoded without stopping at an end token")
+    p.add_argument("--p", type=FRACTION, default=0.95, help="the attention mass of each query's top-p key set")
+    p.add_argument("--look-back", type=POSITIVE_INT, default=20,
+                   help="queries after which an unused key counts as forgotten")
+    p.add_argument("--layers", type=_number(int, 0), nargs="+", help="layer indices to capture (default: all)")
+    p.add_argument("--num-sinks", type=POSITIVE_INT, default=1, help="leading positions counted as attention sinks")
+    p.add_argument("--similarity", type=_number(float, -1.0, 1.0), default=0.9,
+                   help="cosine threshold of the k/v similarity counts")
     p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--out", required=True, help="folder for summary.json and the PNG plots")
     p.set_defaults(func=cmd_inspect)
@@ -252,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "file with get_config(arg=None), optionally followed by :ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and plots go here; re-run to resume")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run whose saved config differs from this one (the old config is kept beside it)")
     p.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks: ours and the PyTorch peer in one run")
@@ -260,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("forward", help="jitted prefill forward vs transformers eager and sdpa")
     p.add_argument("model")
     p.add_argument("--dtype", choices=dtypes, default="float32")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=512)
     p.add_argument("--json", help="write the results as JSON to this file")
     p = bench_sub.add_parser("decode", help="greedy generation (64-token prompts, 128 new tokens) vs transformers")
     p.add_argument("model")
@@ -271,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an HF folder or a packaged model name (smollm2-135m, gemma3-270m)")
     p.add_argument("--text-file", action="append", help="a text of at least 2000 tokens, or a shipped one: kjv, "
                                                         "jargon (repeatable; default: kjv, Genesis 1-6)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="tokens of each document to evaluate")
-    p.add_argument("--budgets", type=float, nargs="+", help="cache fractions (default 0.1 0.2 0.3 0.5)")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=2048, help="tokens of each document to evaluate")
+    p.add_argument("--budgets", type=FRACTION, nargs="+", help="cache fractions (default 0.1 0.2 0.3 0.5)")
     p.add_argument("--policies", nargs="+", help="a subset of streaming h2o tova random recently_activated")
     p.add_argument("--speed-only", action="store_true", help="only the step-time overhead and crossover")
     p.add_argument("--dtype", choices=dtypes, default="float32")
@@ -286,15 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "seq_len", None) is not None and args.seq_len < 1:
-        print(f"bvl: error: --seq-len must be >= 1, got {args.seq_len}", file=sys.stderr)
-        return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, its one line already printed)
+        return int(exit_.code or 0)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # input errors: one line, no traceback
-        print(f"bvl: error: {e}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as e:  # input errors and unusable paths: one line, no traceback
+        print(f"bvl: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line; an OSError names its file (`[Errno 2] ... : 'path'`) as Python words it."""
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

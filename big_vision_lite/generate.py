@@ -10,6 +10,7 @@ and `tokens_per_s` (new tokens of all rows / run_s).
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,14 +24,19 @@ from big_vision_lite.decoding.samplers import SamplerConfig
 from big_vision_lite.utils.timing import Timing, timed
 
 
-def _load(model: str, kind: str, dtype: str | None, why: str) -> Loaded:
-    """`load(model)` (unrolled layers: what the decode loop runs), refused unless it is a `kind` with a tokenizer."""
+def load_generator(model: str, kind: str, dtype: str | None, why: str) -> Loaded:
+    """`load(model)` (unrolled layers: what the decode loop runs), refused unless it is a `kind` with a tokenizer
+    that can pad a batch of prompts (a pad or an eos token)."""
     loaded = load(model, dtype)
     if loaded.kind != kind:
         raise ValueError(f"{model}: is a {loaded.kind} model; {why}")
     if loaded.tokenizer is None:
         raise ValueError(f"{model}: no tokenizer.json or tokenizer.model beside the weights; generating text needs "
                          f"the model's tokenizer")
+    if loaded.tokenizer.pad_id is None:
+        raise ValueError(f"{model}: the tokenizer in {loaded.tokenizer.source} has neither a pad nor an eos token; "
+                         "a batch of prompts is padded with one (set pad_token or eos_token in "
+                         "tokenizer_config.json)")
     return loaded
 
 
@@ -47,7 +53,8 @@ def generate_text(
     at its first end token. Returns the settings, the completions (text and ids) and the timings."""
     sampler = sampler or SamplerConfig()
     with timed() as load_time:
-        loaded = _load(model, "decoder", dtype, "text generation needs a decoder (give --image for a PaliGemma)")
+        loaded = load_generator(model, "decoder", dtype,
+                                "text generation needs a decoder (give --image for a PaliGemma)")
     tokenizer = loaded.tokenizer
     tokens, mask = left_pad(tokenizer.encode_batch(prompts), tokenizer.pad_id)
     with timed() as run:
@@ -80,16 +87,18 @@ def generate_image_text(
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
     pictures = []
     for path in images:
+        if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO that would block the read
+            raise ValueError(f"image {path}: is not a regular file, expected an image file")
         try:
             with Image.open(path) as image:
                 pictures.append(image.copy())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb: more pixels than PIL's limit
             raise ValueError(f"image {path}: cannot be read ({e})") from None
     paths = list(images) * (len(prompts) // len(images))
     pictures *= len(prompts) // len(pictures)
     with timed() as load_time:
-        loaded = _load(model, "paligemma", dtype, "--image needs a PaliGemma: an HF folder whose config.json has "
-                                                 "model_type 'paligemma', or a workdir of a paligemma training run")
+        loaded = load_generator(model, "paligemma", dtype, "--image needs a PaliGemma: an HF folder whose config.json "
+                                "has model_type 'paligemma', or a workdir of a paligemma training run")
     cfg = loaded.config
     processor = PaliGemmaProcessor(loaded.tokenizer, image_size=cfg.vision.image_size,
                                    num_image_tokens=cfg.num_image_tokens)

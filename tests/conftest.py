@@ -94,3 +94,18 @@ def tiny_with_tokenizer(tiny_checkpoints, tmp_path_factory) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
     return folder
+
+
+# What tests/test_faults.py tried and found, printed in pytest's terminal summary (the README quotes the line).
+FAULT_TALLY = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def fault_tally(request) -> dict[str, int]:
+    return request.config.stash.setdefault(FAULT_TALLY, {"bad inputs tried": 0, "tracebacks": 0, "files lost": 0})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tally = config.stash.get(FAULT_TALLY, None)
+    if tally:
+        terminalreporter.write_line(", ".join(f"{key}: {value}" for key, value in tally.items()))

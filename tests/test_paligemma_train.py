@@ -149,6 +149,19 @@ def test_a_siglip_tower_trained_on_other_data_is_refused(siglip_dir, tmp_path):
         PaliGemmaTask(_config(siglip_dir, "data.image_size=48"), tmp_path, mesh=None)
 
 
+def test_the_tower_is_checked_against_the_config_the_siglip_run_trained_with(siglip_dir, tmp_path):
+    """The SigLIP run's own config.json decides, not its config file as it reads today (edited since)."""
+    edited = tmp_path / "siglip_edited.py"
+    edited.write_text("from big_vision_lite.train.config import load_config\n"
+                      "def get_config(arg=None):\n"
+                      "    config = load_config('siglip_shapes:smoke')\n"
+                      "    config.data.image_size = 48\n"
+                      "    return config\n")
+    config = _config(siglip_dir, f"init.siglip_config={edited}")
+    task = PaliGemmaTask(config, tmp_path / "run", mesh=None)  # the run trained at 32 pixels, as this config asks
+    assert task.model.config.vision.image_size == 32
+
+
 def test_cli_generates_with_images_from_a_training_run(cli_run, tmp_path):
     """`bvl generate RUN --image A --image B --prompt P --prompt P` equals the task's own greedy captions."""
     from PIL import Image

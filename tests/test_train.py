@@ -66,6 +66,9 @@ class ToyTask:
     def report(self):
         return {"skipped_images": 0}
 
+    def run_info(self):
+        return None
+
 
 @pytest.fixture(autouse=True)
 def toy_task(monkeypatch):
@@ -146,10 +149,16 @@ class WiderToyTask(ToyTask):
 
 def test_a_checkpoint_of_another_config_is_refused_not_set_aside(tmp_path, monkeypatch):
     train(toy_config(), tmp_path, stop_at=8, progress=False)
+    saved_config = (tmp_path / "config.json").read_text()
     monkeypatch.setitem(TASKS, "wider", WiderToyTask)
+    with pytest.raises(ConfigError, match=r"holds a run \(step 8\) of another config; resuming would change task: "
+                                          r"'toy' -> 'wider'.*--allow-config-change"):
+        train(toy_config(task="wider"), tmp_path, progress=False)
+    assert (tmp_path / "config.json").read_text() == saved_config  # refused before anything was written
+    # Allowed explicitly, the config passes, but the state it builds still differs from the checkpoint's.
     with pytest.raises(StateMismatchError, match=r"checkpoints/8 holds another state .*params/extra/scale.* "
                                                  r"nothing was moved"):
-        train(toy_config(task="wider"), tmp_path, progress=False)
+        train(toy_config(task="wider"), tmp_path, progress=False, allow_config_change=True)
     assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir() if p.name.isdigit()) == ["4", "8"]
     assert not (tmp_path / CORRUPT_DIR).exists()
     assert train(toy_config(), tmp_path, progress=False).start_step == 8  # the right config still resumes
@@ -159,8 +168,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = toy_config()
     train(config, tmp_path, stop_at=4, progress=False)
     config.optimizer.lr = 1e38  # the first update overflows the weights
+    kept_metrics = read_metrics(tmp_path / METRICS_FILE)
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping. Last good checkpoint: .*4"):
-        train(config, tmp_path, progress=False)
+        train(config, tmp_path, progress=False, allow_config_change=True)
+    assert read_metrics(tmp_path / METRICS_FILE)[:len(kept_metrics)] == kept_metrics  # every line kept
+    assert (tmp_path / "config.until-step-4.json").is_file()  # the config the run was started with
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kept checkpoint restores cleanly
         params = _params(tmp_path)

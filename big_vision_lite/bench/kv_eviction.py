@@ -42,6 +42,8 @@ from big_vision_lite.decoding.kv_eviction import (
     teacher_forced,
 )
 from big_vision_lite.models.cache import SlotCache
+from big_vision_lite.utils.atomic import atomic_file
+from big_vision_lite.utils.inputs import read_text_file
 
 TEXTS = Path(__file__).parents[1] / "data" / "texts"
 SHIPPED_TEXTS = {"kjv": TEXTS / "kjv_genesis_1-6.txt", "jargon": TEXTS / "jargon_hack.txt"}
@@ -70,9 +72,7 @@ def load_documents(model: str, paths: Sequence[str | Path], max_tokens: int) -> 
     tokenizer = load_tokenizer(model)
     documents = []
     for path in (SHIPPED_TEXTS.get(str(p), Path(p)) for p in paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"--text-file {path} does not exist")
-        ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+        ids = tokenizer.encode(read_text_file(path, "--text-file"))
         if len(ids) < MIN_DOCUMENT_TOKENS:
             raise ValueError(f"--text-file {path} has {len(ids)} tokens with {model}'s tokenizer; the evaluation "
                              f"needs at least {MIN_DOCUMENT_TOKENS}")
@@ -337,7 +337,8 @@ def plot_kv_eviction(result: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(f"KV eviction, {result['model']}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def settings_from_args(args: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from big_vision_lite.utils.atomic import atomic_folder
+from big_vision_lite.utils.inputs import read_text_file
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -46,9 +47,12 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (an HF folder needs config.json and *.safetensors)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(read_text_file(path, "config file"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def read_folder_tensors(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:

@@ -115,6 +115,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> DecoderCo
             rope_scale=scale,
             local_rope_theta=local_theta if layer_types else None,
             local_rope_scale=local_scale if layer_types else 1.0,
+            max_positions=hf.get("max_position_embeddings"),
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -141,6 +142,8 @@ def config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
+    if cfg.max_positions is not None:
+        hf["max_position_embeddings"] = cfg.max_positions
     act = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}[cfg.activation]
     hf["hidden_activation" if model_type.startswith("gemma") else "hidden_act"] = act
 

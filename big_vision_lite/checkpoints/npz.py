@@ -14,8 +14,6 @@ it is given; `load_npz_params` returns it, or with a config checks every shape a
 module asks.
 """
 
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +27,7 @@ from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.models.gemma import stack_layers
 from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params, relayout_paligemma
 from big_vision_lite.models.vit import stack_encoder_blocks
+from big_vision_lite.utils.atomic import atomic_file
 
 PARAMS_PREFIX = "params/"
 _BFLOAT16_BYTES = np.dtype("V2")  # how np.save writes an ml_dtypes bfloat16 array
@@ -93,14 +92,8 @@ def save_npz_params(path: str | Path, params: Mapping[str, Any]) -> Path:
         a = np.asarray(value)
         arrays[name] = a.view(_BFLOAT16_BYTES) if a.dtype == ml_dtypes.bfloat16 else a
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
     return path
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from big_vision_lite.checkpoints.gguf.convert import gguf_to_hf_folder, is_conversion_current
+from big_vision_lite.utils.atomic import atomic_file
 from big_vision_lite.utils.paths import cache_dir
 
 
@@ -76,16 +76,12 @@ def packaged_gguf_path(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # assemble() writes its output in place; join into a temporary name so a crash leaves no partial file.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
     try:
         package = importlib.import_module(model.package)
-        package.assemble(tmp_name, overwrite=True)
-        os.replace(tmp_name, target)
+        with atomic_file(target) as tmp:
+            package.assemble(str(tmp), overwrite=True)
     except (ModuleNotFoundError, FileNotFoundError) as e:  # a part package is missing
         raise ModelNotInstalledError(_not_installed(name, model, str(e))) from e
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
     return target
 
 

@@ -7,14 +7,22 @@
 
 The training loop (train/) writes these; `load_params` and `read_run_info` read them for `checkpoints.load`,
 notebooks and warm starts, whatever mesh wrote them.
+
+A checkpoint that fails to restore is *proven corrupt* only when every one of its files reads back (no I/O error)
+and the failure is not an I/O error either: its content is then damaged or incomplete, and reading it again
+cannot help. Any other failure (a disk or network read error, a permission fault) may pass: nothing may be set
+aside or skipped for it, and `CheckpointReadError` says so.
 """
 
 import dataclasses
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -115,21 +123,83 @@ def latest_step(workdir: str | Path) -> int | None:
         manager.close()
 
 
+class CheckpointReadError(CheckpointError):
+    """A checkpoint that failed to restore for a reason other than its content (an I/O error): nothing was moved."""
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _unreadable_file(step_dir: Path) -> tuple[Path, OSError] | None:
+    """The first file of a checkpoint folder that cannot be read to its end, with the error."""
+    for path in sorted(step_dir.rglob("*")):
+        try:
+            if path.is_file():
+                with path.open("rb") as f:
+                    while f.read(1 << 24):
+                        pass
+        except OSError as error:
+            return path, error
+    return None
+
+
+def check_restore_failure(step_dir: Path, error: Exception) -> str:
+    """Why the checkpoint at `step_dir` failed to restore with `error`, when that proves it corrupt (see the module
+    docstring); raises CheckpointReadError when it does not."""
+    unreadable = _unreadable_file(step_dir)
+    if unreadable is not None:
+        path, read_error = unreadable
+        raise CheckpointReadError(f"checkpoint {step_dir}: {path} cannot be read ({read_error.strerror or read_error})"
+                                  "; a read error is not proof of corruption, so nothing was moved. Fix the storage "
+                                  "and run again")
+    for cause in _error_chain(error):
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            raise CheckpointReadError(f"checkpoint {step_dir}: restoring failed with an I/O error ({cause}); it may "
+                                      "pass, so nothing was moved. Run again once the storage is healthy") from None
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def read_saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:
+    """The experiment config a run in `workdir` was started with (its config.json), None when there is none."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a JSON config ({e})") from None
+
+
 def load_params(workdir: str | Path) -> tuple[int, Any]:
-    """(step, params as numpy) of the newest checkpoint in a training workdir, on the host, whatever mesh wrote it."""
+    """(step, params as numpy) of the newest restorable checkpoint in a training workdir, on the host, whatever
+    mesh wrote it. A checkpoint proven corrupt is skipped with a warning (left in place: reading changes nothing
+    on disk) and the previous one is read; any other failure raises."""
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints (train with `bvl train CONFIG --workdir {workdir}`)")
     manager = _manager(directory)
     try:
-        step = manager.latest_step()
-        if step is None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"{directory}: no complete checkpoint")
-        metadata = manager.item_metadata(step)["state"]
         # Restore every array onto this process's first device: the writer's mesh may not exist here.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        for step in steps:
+            try:
+                metadata = manager.item_metadata(step)["state"]
+                target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+                return step, jax.tree.map(np.asarray, state["params"])
+            except Exception as error:  # classified: corrupt (skip it) or not (raise)
+                why = check_restore_failure(directory / str(step), error)
+                warnings.warn(f"checkpoint {directory / str(step)} cannot be restored ({why}); reading the previous "
+                              "one", stacklevel=2)
+        raise CheckpointError(f"{directory}: none of the checkpoints {sorted(steps)} can be restored")
     finally:
         manager.close()
-    return step, jax.tree.map(np.asarray, state["params"])

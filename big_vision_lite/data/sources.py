@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import tarfile
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from big_vision_lite.utils.inputs import read_text_file
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("image", "caption")
@@ -80,23 +83,22 @@ class CaptionFileSource:
 
 def _parse_jsonl(path: Path) -> list[tuple[str, str]]:
     entries = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            entries.append(_entry(row, f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_text_file(path, "captions file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        entries.append(_entry(row, f"{path}:{lineno}"))
     return entries
 
 
 def _parse_csv(path: Path) -> list[tuple[str, str]]:
     entries = []
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text_file(path, "captions file"), newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in CAPTION_FIELDS if c not in columns]

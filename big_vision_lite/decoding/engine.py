@@ -25,8 +25,9 @@ import numpy as np
 
 from big_vision_lite.decoding.samplers import SamplerConfig, sample
 from big_vision_lite.models.cache import KVCache, SlotCache
+from big_vision_lite.models.gemma import DecoderConfig
 from big_vision_lite.models.masks import causal_mask, positions_from_mask, prefill_mask, prefix_lm_mask
-from big_vision_lite.models.paligemma import check_image_tokens
+from big_vision_lite.models.paligemma import PaliGemma, check_image_tokens
 
 Record = Callable[[dict[str, Any], KVCache], Any]  # (a step's `out` dict, the cache after it) -> arrays to keep
 
@@ -136,6 +137,18 @@ def check_prompts(tokens: np.ndarray, input_mask: np.ndarray) -> tuple[np.ndarra
     return tokens, input_mask
 
 
+def check_context(config: DecoderConfig, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuses a generation whose longest row (`prompt_tokens` + `max_new_tokens`) passes the decoder's maximum
+    context (`max_positions`; unknown when None): positions past it were never trained and RoPE would extrapolate
+    silently."""
+    limit = config.max_positions
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({prompt_tokens} tokens) + max_new_tokens {max_new_tokens} = "
+                         f"{prompt_tokens + max_new_tokens} tokens passes the model's maximum context of {limit} "
+                         f"(max_position_embeddings); shorten the prompt or lower --max-new-tokens to at most "
+                         f"{max(limit - prompt_tokens, 0)}")
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token-id lists of different lengths -> left-padded tokens [B, T] int32 and input_mask [B, T] bool."""
     if not prompts:
@@ -198,6 +211,8 @@ def generate(
     if prompt_len > capacity:
         raise ValueError(f"the prompt batch is {prompt_len} tokens long (padding included), longer than the "
                          f"cache of {capacity} slots (cache_length)")
+    check_context(module.config.llm if isinstance(module, PaliGemma) else module.configs[0],
+                  int(input_mask.sum(1).max()), max_new_tokens)
     if prompt_len + max_new_tokens > capacity:
         raise ValueError(f"a cache of {capacity} slots (cache_length) is too small for {prompt_len} prompt tokens "
                          f"+ max_new_tokens {max_new_tokens}: it needs at least {prompt_len + max_new_tokens}")

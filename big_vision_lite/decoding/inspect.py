@@ -32,6 +32,7 @@ from big_vision_lite.decoding import attention_stats as stats
 from big_vision_lite.decoding.engine import check_prompts, generate
 from big_vision_lite.models.cache import KVCache
 from big_vision_lite.models.masks import positions_from_mask
+from big_vision_lite.utils.atomic import atomic_file, write_text_atomic
 
 MAX_PLOTTED_LAYERS = 6  # panels of the per-layer plots; more captured layers are subsampled evenly
 MAX_PLOTTED_HEADS = 12
@@ -319,7 +320,7 @@ def write_report(capture: Capture, out_dir: str | Path, *, look_back: int = 20, 
         summary["key_texts"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     summary = {"model": model, "prompt": prompt, "prompt_tokens": capture.prompt_tokens[row][query_valid].tolist(),
                "generated_tokens": capture.tokens[row].tolist(), **summary, "files": files}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
@@ -331,5 +332,6 @@ def _figure(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
 
 
 def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return path.name

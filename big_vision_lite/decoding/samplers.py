@@ -28,6 +28,9 @@ class SamplerConfig:
             raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {self.top_p}")
+        if self.greedy and (self.top_k is not None or self.top_p is not None):  # would be ignored without a word
+            raise ValueError(f"top_k/top_p filter what sampling draws; temperature 0 is greedy (argmax) and ignores "
+                             f"them: give a temperature > 0, or drop top_k={self.top_k}, top_p={self.top_p}")
 
     @property
     def greedy(self) -> bool:

@@ -66,6 +66,7 @@ class DecoderConfig:
     local_rope_theta: float | None = None  # sliding layers' base; None means rope_theta.
     local_rope_scale: float = 1.0
     lora: LoRAConfig | None = None
+    max_positions: int | None = None  # the longest sequence the model was trained for (HF max_position_embeddings)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

@@ -5,10 +5,12 @@ and `meta` (JSON: the data position and anything else the loop needs to resume).
 temporary folder and renames it only once complete, so a crash (even `kill -9`) mid-write leaves the previous
 checkpoint as the latest; leftover temporary folders are removed on the next start.
 
-Restoring tries the latest step first. A checkpoint that fails to restore (truncated or deleted files) is moved
-to `DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried. A checkpoint that
-reads fine but holds another state than the config builds (another model or optimizer config) is not corrupt:
-`StateMismatchError` names what differs and nothing is moved.
+Restoring tries the latest step first. Only a checkpoint proven corrupt (`checkpoints.run.check_restore_failure`:
+its files read back but their content does not restore, e.g. truncated or deleted tensor files) is moved to
+`DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried. Any other failure
+changes nothing on disk: a read error raises `CheckpointReadError`, and a checkpoint that reads fine but holds
+another state than the config builds (another model or optimizer config) raises `StateMismatchError` naming what
+differs.
 """
 
 import shutil
@@ -19,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, saved_state_shapes
+from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, check_restore_failure, saved_state_shapes
 from big_vision_lite.utils.trees import path_name
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -68,9 +70,9 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 _check_same_structure(abstract_state, restored.state, step)
                 return step, restored.state, dict(restored.meta)
-            except Exception as error:  # unusable: set aside, unless it is a readable state of another config
+            except Exception as error:  # set aside only when proven corrupt; anything else raises
                 self._refuse_other_state(step, abstract_state)
-                self._set_aside(step, error)
+                self._set_aside(step, check_restore_failure(self.directory / str(step), error))
         return None
 
     def _refuse_other_state(self, step: int, abstract_state: Any) -> None:
@@ -88,16 +90,18 @@ class Checkpointer:
             f"differences: {differ[:3]}): it was written with another model or optimizer config. Resume with that "
             f"config, or train in a new workdir; nothing was moved")
 
-    def _set_aside(self, step: int, error: Exception) -> None:
+    def _set_aside(self, step: int, why: str) -> None:
         source = self.directory / str(step)
         target = self.workdir / CORRUPT_DIR / str(step)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
+        copies = 1
+        while target.exists():  # a step set aside before (and trained again since): keep both
+            target = target.with_name(f"{step}.{copies}")
+            copies += 1
         shutil.move(source, target)
         self.manager.reload()
-        warnings.warn(f"checkpoint {source} cannot be restored ({type(error).__name__}: {str(error)[:200]}); "
-                      f"moved to {target}, falling back to the previous checkpoint", stacklevel=3)
+        warnings.warn(f"checkpoint {source} cannot be restored ({why}); moved to {target}, falling back to the "
+                      "previous checkpoint", stacklevel=3)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -5,12 +5,14 @@ calls `get_config("arg")` (no argument when there is no `:`): a bare name (no "/
 packaged config, from any working directory and from a wheel install; anything else is a path to a config file,
 which must exist. `apply_overrides(config, ["optimizer.lr=3e-4", ...])` sets dotted keys from the command line;
 an unknown key is an error naming the closest valid keys, and a value is converted to the type the key already
-holds, so `--set total_steps=10` stays an int and `--set data.image_size=abc` is refused.
+holds, so `--set total_steps=10` stays an int and `--set data.image_size=abc` (or `=True`) is refused.
+`config_changes(saved, config)` lists what a resumed run would change against the config it was started with.
 """
 
 import ast
 import difflib
 import importlib.util
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ def config_path(name: str) -> Path:
                               f"anything with a '/' or ending in .py is a path to a config file")
         return path
     path = Path(name).expanduser()
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is a {'directory' if path.is_dir() else 'FIFO or device'}, expected "
+                          "a Python file with get_config(arg=None)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (packaged configs are named without a path: "
                           f"{', '.join(packaged_configs())})")
@@ -55,10 +60,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"config file {path} cannot be imported as Python")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:  # also what Python raises for a file that is not UTF-8
+        raise ConfigError(f"config file {path}:{e.lineno}: not valid Python ({e.msg})") from None
+    except Exception as e:  # the file's own code failed: name the file, not our import machinery
+        raise ConfigError(f"config file {path} failed to import: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config(arg=None)")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except Exception as e:
+        raise ConfigError(f"config file {path}: get_config({arg or None!r}) failed: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config returned {type(config).__name__}, expected ml_collections.ConfigDict")
     return config
@@ -88,6 +101,9 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
             return text
         raise ConfigError(f"--set {key}={text}: expected {type(current).__name__} like {current!r}, "
                           "got text that is not a Python literal") from None
+    if isinstance(value, bool) != isinstance(current, bool) and current is not None:  # bool is an int subclass
+        raise ConfigError(f"--set {key}={text}: expected {type(current).__name__} like {current!r}, "
+                          f"got {type(value).__name__}")
     if current is None or isinstance(value, type(current)):
         return value
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -118,3 +134,34 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             node = node[name]
         node[leaf] = _parse_value(text.strip(), node[leaf], key)
     return config
+
+
+# Keys a resumed run may change without changing what it computes: how often it logs, evaluates and checkpoints,
+# and how the state is laid out over devices (checkpoints restore into any mesh).
+RESUMABLE_CHANGES = ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "mesh.", "sharding_rules")
+
+
+def _flat_json(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> JSON value (tuples as lists) of a config converted to JSON."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat_json(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+    """`key: old -> new` for every key whose value differs between a run's saved config and `config` (keys only
+    in one of them included), except RESUMABLE_CHANGES."""
+    old = _flat_json(json.loads(saved.to_json_best_effort()))
+    new = _flat_json(json.loads(config.to_json_best_effort()))
+    missing = object()
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE_CHANGES) or old.get(key, missing) == new.get(key, missing):
+            continue
+        before = repr(old[key]) if key in old else "(absent)"
+        after = repr(new[key]) if key in new else "(absent)"
+        changes.append(f"{key}: {before} -> {after}")
+    return changes

@@ -14,7 +14,11 @@ and its evaluation. Everything else lives here once:
 * the step's RNG is `fold_in(rng, step)`, and the data position is the step, so a resumed run sees exactly the
   batches and randomness an uninterrupted one would;
 * checkpoints every `ckpt_every` steps and at the end (orbax, last `keep_ckpts` kept); re-running the same
-  command resumes from the newest readable checkpoint;
+  command resumes from the newest readable checkpoint; resuming with a config that differs from the run's saved
+  `config.json` is refused with the list of changes, unless `allow_config_change` (the old config is then kept
+  as `config.until-step-<N>.json`);
+* one process per workdir: a run holds the workdir's lock (`utils/locks.py`) and a second one is refused with
+  the holder's process id; a required run shared between runs is trained under its lock, the others waiting;
 * metrics are fetched from the device only at log, eval and checkpoint steps; a non-finite loss or gradient
   norm among them stops the run before anything after it is saved, so the last checkpoint is a good one.
 """
@@ -26,6 +30,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,14 +43,16 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from big_vision_lite.checkpoints.run import CONFIG_FILE
+from big_vision_lite.checkpoints.run import CONFIG_FILE, RunInfo, latest_step, read_saved_config, write_run_info
 from big_vision_lite.train.checkpoint import Checkpointer
+from big_vision_lite.train.config import ConfigError, config_changes
 from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 from big_vision_lite.train.tasks import task_class
 from big_vision_lite.utils.atomic import write_text_atomic
+from big_vision_lite.utils.locks import folder_lock
 
 LOOP_KEYS = ("task", "seed", "total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
 RESULT_FILE = "result.json"
@@ -82,6 +89,9 @@ class Task(Protocol):
     def report(self) -> dict[str, Any]:
         """End-of-run facts about the data (e.g. images skipped as unreadable)."""
 
+    def run_info(self) -> RunInfo | None:
+        """What `model.json` records (the loop writes it once the run's state is restored or created), or None."""
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -101,7 +111,7 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config lacks {', '.join(missing)}")
     task_class(config.task)  # refuses an unknown task before anything is built
     for key in ("total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
-        if not isinstance(config[key], int) or config[key] < 1:
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"config.{key} must be an int >= 1, got {config[key]!r}")
 
 
@@ -202,11 +212,49 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Trainer:
 
 
 def train_requirements(config: ml_collections.ConfigDict, *, progress: bool = True) -> None:
-    """Trains (or resumes) every run `config`'s task requires that has not finished."""
+    """Trains (or resumes) every run `config`'s task requires that has not finished. Each is checked and trained
+    under its workdir's lock, so runs started together that need the same one train it once: the others wait and
+    then find it finished."""
     for requirement in task_class(config.task).requires(config):
-        if not requirement.finished():
-            print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
-            train(requirement.load_config(), requirement.workdir, progress=progress)
+        with folder_lock(requirement.workdir, what="required run", wait=True):
+            if not requirement.finished():
+                print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
+                required = requirement.load_config()
+                check_loop_config(required)
+                train_requirements(required, progress=progress)
+                _train_locked(required, requirement.workdir, stop_at=None, progress=progress,
+                              allow_config_change=False)
+
+
+def _check_resumed_config(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool
+                          ) -> tuple[int, list[str]] | None:
+    """Refuses to resume a run with another config than its saved one (see `config_changes`) unless allowed;
+    returns (the latest step, the changes) of an allowed change, None when nothing changes."""
+    saved = read_saved_config(workdir)
+    step = latest_step(workdir)
+    if saved is None or step is None:
+        return None
+    changes = config_changes(saved, config)
+    if not changes:
+        return None
+    if not allow_config_change:
+        raise ConfigError(f"workdir {workdir} holds a run (step {step}) of another config; resuming would change "
+                          f"{'; '.join(changes)}. Train in a new workdir, or resume with these changes with "
+                          "--allow-config-change")
+    return step, changes
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: Path, changes: tuple[int, list[str]] | None) -> None:
+    """Writes `config` as the run's config.json; an allowed change first keeps the old one beside it."""
+    if changes is not None:
+        step, listed = changes
+        kept, copies = workdir / f"config.until-step-{step}.json", 1
+        while kept.exists():  # changed twice at one step: keep every config
+            kept, copies = workdir / f"config.until-step-{step}.{copies}.json", copies + 1
+        write_text_atomic(kept, (workdir / CONFIG_FILE).read_text(encoding="utf-8"))
+        warnings.warn(f"resuming {workdir} at step {step} with a changed config ({'; '.join(listed)}); the old one "
+                      f"is kept as {kept}", stacklevel=4)
+    write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
 
 
 class _PendingMetrics:
@@ -226,14 +274,23 @@ class _PendingMetrics:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, allow_config_change: bool = False) -> TrainResult:
     """Trains (or resumes) `config` in `workdir` until `total_steps` (or `stop_at`, for notebooks and tests),
-    after the runs its task requires."""
+    after the runs its task requires. The workdir is locked for the whole run."""
     check_loop_config(config)
-    train_requirements(config, progress=progress)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file, expected a folder")
+    with folder_lock(workdir):
+        train_requirements(config, progress=progress)
+        return _train_locked(config, workdir, stop_at=stop_at, progress=progress,
+                             allow_config_change=allow_config_change)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_at: int | None, progress: bool,
+                  allow_config_change: bool) -> TrainResult:
+    """`train` once the workdir's lock is held and the required runs have finished."""
+    changes = _check_resumed_config(config, workdir, allow_config_change)
     trainer = prepare(config, workdir)
     task = trainer.task
 
@@ -245,6 +302,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
         start_step, state, meta = restored
         if meta.get("data_position") != start_step:
             raise ValueError(f"checkpoint {start_step}: data_position {meta.get('data_position')} != its step")
+    # Only now, with the state known to fit this config, does the workdir say it holds this config's run.
+    _record_config(config, workdir, changes)
+    if (info := task.run_info()) is not None:
+        write_run_info(workdir, info)
     last_step = min(config.total_steps, stop_at or config.total_steps)
     log = MetricsLog(workdir, start_step)
     pending = _PendingMetrics()

@@ -2,7 +2,9 @@
 
 Records are appended and flushed line by line, so a crash loses at most the line being written. On resume the
 file is cut back to the restored step first: the steps after it are about to be trained again, and the file must
-read as one run, not two interleaved ones.
+read as one run, not two interleaved ones. The records cut are never dropped: they are appended (and synced)
+to `DIR/metrics.superseded.jsonl`, each with `"superseded_at": <restored step>`, before the main file is
+rewritten, so a crash at any moment loses no line (at worst one appears in both files).
 """
 
 import json
@@ -14,9 +16,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from big_vision_lite.utils.atomic import write_text_atomic
+from big_vision_lite.utils.atomic import atomic_file, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 CURVES_FILE = "curves.png"
 
 
@@ -39,8 +42,16 @@ class MetricsLog:
 
     def __init__(self, workdir: str | Path, resume_step: int):
         self.path = Path(workdir) / METRICS_FILE
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # the old file or the cut one
+        records = read_metrics(self.path)
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
+        superseded = [r for r in records if r.get("step", 0) > resume_step]
+        if superseded:
+            with (Path(workdir) / SUPERSEDED_FILE).open("a", encoding="utf-8") as side:
+                side.writelines(json.dumps({**r, "superseded_at": resume_step}) + "\n" for r in superseded)
+                side.flush()
+                os.fsync(side.fileno())
+        # Rewritten even when nothing was cut: a torn last line from a crash must not glue onto the next record.
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -87,8 +98,6 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path, eval_keys: Itera
     ax_eval.legend(loc="lower right")
     ax_loss.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
-    return png_path
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    return Path(png_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ml_collections
 
-from big_vision_lite.checkpoints.run import latest_step
+from big_vision_lite.checkpoints.run import latest_step, read_saved_config
 from big_vision_lite.train.config import load_config
 from big_vision_lite.utils.paths import cache_dir
 
@@ -27,8 +27,9 @@ class Requirement:
         return load_config(self.config)
 
     def finished(self) -> bool:
-        """Whether the workdir holds the run's final checkpoint (step `total_steps`)."""
-        return latest_step(self.workdir) == self.load_config().total_steps
+        """Whether the workdir holds the final checkpoint (step `total_steps`) of the config it was trained with."""
+        saved = read_saved_config(self.workdir)
+        return saved is not None and latest_step(self.workdir) == saved.total_steps
 
 
 def default_workdir(config: str) -> Path:

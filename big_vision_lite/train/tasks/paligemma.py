@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from big_vision_lite.checkpoints.run import RunInfo, load_params, write_run_info
+from big_vision_lite.checkpoints.run import RunInfo, load_params, read_saved_config
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.data.processor import PaliGemmaProcessor
 from big_vision_lite.data.shapes import POSITIONS, SIZES
@@ -65,13 +65,16 @@ def siglip_requirement(init: ml_collections.ConfigDict) -> Requirement:
 
 
 def siglip_vision_init(init: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """(the SigLIP run's config, its image tower params); the run must have finished (the task requires it)."""
+    """(the config the SigLIP run trained with, its image tower params); the run must have finished (the task
+    requires it)."""
     requirement = siglip_requirement(init)
     if not requirement.finished():
         raise ValueError(f"the SigLIP run in {requirement.workdir} has not finished: train it first with "
                          f"`bvl train {init.siglip_config} --workdir {requirement.workdir}`")
     _, params = load_params(requirement.workdir)
-    return requirement.load_config(), params["img"]
+    saved = read_saved_config(requirement.workdir)  # what the tower was trained with, whatever the file says now
+    assert saved is not None, "a finished run has its config.json (Requirement.finished reads it)"
+    return saved, params["img"]
 
 
 def vision_config(siglip: ml_collections.ConfigDict, llm_width: int) -> ViTConfig:
@@ -147,10 +150,10 @@ class PaliGemmaTask:
         self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
                                dtype=as_dtype(model.dtype), scan_layers=model.scan_layers,
                                remat_policy=model.remat_policy)
-        write_run_info(workdir, RunInfo("paligemma", paligemma_config_to_dict(self.model.config),
-                                        dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(
-                                            self.model.param_dtype), scan_layers=model.scan_layers,
-                                        remat_policy=model.remat_policy, prompt=config.text.prompt))
+        self._run_info = RunInfo("paligemma", paligemma_config_to_dict(self.model.config),
+                                 dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(self.model.param_dtype),
+                                 scan_layers=model.scan_layers, remat_policy=model.remat_policy,
+                                 prompt=config.text.prompt)
         self._loader = None
         captions = list(dict.fromkeys(c for source in self.eval_sources.values() if hasattr(source, "captions")
                                       for c in source.captions()))  # shapes splits share one caption list
@@ -213,6 +216,9 @@ class PaliGemmaTask:
 
     def report(self) -> dict[str, Any]:
         return {"skipped_images": self._loader.skipped if self._loader is not None else 0}
+
+    def run_info(self) -> RunInfo:
+        return self._run_info
 
     # -- captioning -------------------------------------------------------------------------------------------
 

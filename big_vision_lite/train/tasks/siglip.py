@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from big_vision_lite.checkpoints.run import RunInfo, write_run_info
+from big_vision_lite.checkpoints.run import RunInfo
 from big_vision_lite.checkpoints.tokenizer import Tokenizer
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.losses import sigmoid_loss
@@ -53,6 +53,10 @@ class SiglipTask:
         return ()
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh):
+        accum = config.accum_steps
+        if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1 or config.batch_size % accum:
+            raise ValueError(f"config.accum_steps must be an int >= 1 dividing batch_size={config.batch_size} (the "
+                             f"micro-batches split the global batch), got {accum!r}")
         self.config, self.mesh = config, mesh
         self.train_source, self.eval_source, self.distractors = make_sources(config.data)
         self.tokenizer = caption_tokenizer(config, Path(workdir), self.train_source)
@@ -63,13 +67,10 @@ class SiglipTask:
         if "dtype" in settings:
             settings["dtype"] = as_dtype(settings["dtype"])  # one kind of value: equal modules share compilations
         self.model = TwoTowers(two_towers_config(model), **settings)
-        write_run_info(workdir, RunInfo("siglip", dataclasses.asdict(self.model.config),
-                                        dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(
-                                            self.model.param_dtype), scan_layers=self.model.scan_layers,
-                                        remat_policy=self.model.remat_policy))
+        self._run_info = RunInfo("siglip", dataclasses.asdict(self.model.config), dtype=dtype_name(self.model.dtype),
+                                 param_dtype=dtype_name(self.model.param_dtype), scan_layers=self.model.scan_layers,
+                                 remat_policy=self.model.remat_policy)
         _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
-        if config.batch_size % config.accum_steps:
-            raise ValueError(f"batch_size={config.batch_size} must be a multiple of accum_steps={config.accum_steps}")
         self._loader = None
         self._embed = jax.jit(self._embed_both)
 
@@ -110,6 +111,9 @@ class SiglipTask:
 
     def report(self) -> dict[str, Any]:
         return {"skipped_images": self._loader.skipped if self._loader is not None else 0}
+
+    def run_info(self) -> RunInfo:
+        return self._run_info
 
     # -- internals --------------------------------------------------------------------------------------------
 
