@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", action="append", help="a text of at least 2000 tokens, or a shipped one: kjv, "
                                                         "jargon (repeatable; default: kjv, Genesis 1-6)")
     p.add_argument("--max-tokens", type=POSITIVE_INT, default=2048, help="tokens of each document to evaluate")
-    p.add_argument("--budgets", type=FRACTION, nargs="+", help="cache fractions (default 0.1 0.2 0.3 0.5)")
+    p.add_argument("--budgets", type=_number(float, 0.0, 1.0, low_open=True, high_open=True), nargs="+",
+                   help="cache fractions (default 0.1 0.2 0.3 0.5)")
     p.add_argument("--policies", nargs="+", help="a subset of streaming h2o tova random recently_activated")
     p.add_argument("--speed-only", action="store_true", help="only the step-time overhead and crossover")
     p.add_argument("--dtype", choices=dtypes, default="float32")

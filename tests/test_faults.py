@@ -134,6 +134,56 @@ def test_generate_refuses_bad_models_and_images(refused, files, tmp_path, tiny_w
         refused(["generate", tiny_with_tokenizer, "--image", image, "--prompt", "caption"], f"image {image}")
 
 
+def test_generate_refuses_broken_weight_files(refused, tmp_path, tiny_with_tokenizer):
+    """Empty, foreign-format and wrong-shaped safetensors: each refused naming the file (and the tensor)."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = next(tiny_with_tokenizer.glob("*.safetensors"))
+
+    def broken(name: str, write) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in tiny_with_tokenizer.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        write(folder / weights.name)
+        return folder
+
+    empty = broken("empty", lambda path: path.write_bytes(b""))
+    png = broken("png", lambda path: Image.new("RGB", (4, 4)).save(path, format="PNG"))
+    tensors = load_file(weights)
+    name = "model.embed_tokens.weight"
+    assert name in tensors, sorted(tensors)
+    shapes = broken("shapes", lambda path: save_file({**tensors, name: tensors[name][:, :-1].copy()}, path))
+    for folder in (empty, png):
+        refused(["generate", folder, "--prompt", "hi"], str(folder / weights.name))
+    refused(["generate", shapes, "--prompt", "hi"], name)
+
+
+def test_unreadable_files_are_named(refused, files, monkeypatch):
+    """A permission fault (injected: the suite runs as root) on a prompt file and on a config file."""
+    real_read_bytes = Path.read_bytes
+
+    def denied(self):
+        if self.name.startswith("secret"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    secret = files["dir"] / "secret.txt"
+    secret.write_text("a prompt\n")
+    refused(["generate", files["missing"], "--prompt-file", secret], "Permission denied", str(secret))
+
+
+def test_demo_and_kv_eviction_refuse_bad_values(refused, files, tiny_with_tokenizer):
+    refused(["demo", "--siglip", "huge"], "--siglip")
+    refused(["demo", "--model", files["missing"]], str(files["missing"]))
+    refused(["bench", "kv-eviction", tiny_with_tokenizer, "--policies", "lru"], "--policies", "lru")
+    refused(["bench", "kv-eviction", tiny_with_tokenizer, "--text-file", files["latin1"]], "--text-file",
+            "line 2 is not UTF-8")
+    refused(["bench", "kv-eviction", tiny_with_tokenizer, "--text-file", files["dir"]], "--text-file",
+            "is a directory")
+
+
 def test_generate_refuses_a_tokenizer_that_cannot_pad(refused, tmp_path, tiny_with_tokenizer):
     folder = tmp_path / "no_pad"
     folder.mkdir()
