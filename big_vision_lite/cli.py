@@ -150,6 +150,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status or generated or trained
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from big_vision_lite.convert import convert
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    report = convert(args.source, args.destination, to=args.to, overwrite=args.overwrite, verify=not args.no_verify)
+    merged = " (LoRA adapters merged)" if report["lora_merged"] else ""
+    print(f"wrote {report['destination']}: {report['kind']} as {report['format']}, {report['tensors']} tensors "
+          f"in {report['dtype']}{merged}, {report['seconds']:.1f} s; verified: {report['verified'] or 'skipped'}")
+    _write_json(args.json, report)
+    return 0
+
+
 def _fresh_demo_workdir() -> Path:
     import shutil
 
@@ -300,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run whose saved config differs from this one (the old config is kept beside it)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="write a model as an HF folder (transformers loads it) or a big_vision .npz, "
+                                       "then check it reads back equal")
+    p.add_argument("source", help="an HF folder, a packaged model name or a training workdir of ours")
+    p.add_argument("destination", help="the HF folder (or .npz file) to write; refused if it exists")
+    p.add_argument("--to", choices=["hf", "npz"], default="hf", help="npz: big_vision's PaliGemma layout")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination (once the new one is "
+                                                             "complete)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the destination back and comparing")
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks: ours and the PyTorch peer in one run")
     bench.set_defaults(func=cmd_bench)

@@ -217,6 +217,22 @@ def test_parity_and_inspect_refuse_bad_values_and_output_paths(refused, files, t
     assert files["file"].read_text() == "not a folder"  # nothing was written over it
 
 
+def test_convert_refuses_bad_destinations_and_sources(refused, files, tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints["gemma3"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    refused(["convert", model, existing], f"destination {existing} exists", "--overwrite")
+    refused(["convert", model, model, "--overwrite"], "is the source itself")
+    refused(["convert", model, tmp_path / "x.npz", "--to", "npz"], "is a decoder model", "--to hf")
+    refused(["convert", model, files["file"] / "out"], "destination", "is a file, not a folder")
+    refused(["convert", model, tmp_path / "out", "--to", "onnx"], "--to")
+    refused(["convert", model, tmp_path / "out", "--json", files["dir"]], "--json")
+    refused(["convert", files["missing"], tmp_path / "out"], str(files["missing"]))
+    refused(["convert", files["latin1"], tmp_path / "out"], str(files["latin1"]))
+    assert (existing / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 # -------------------------------------------------------------------------------------------- train, bench
 
 

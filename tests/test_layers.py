@@ -4,7 +4,8 @@ Every `import` in the package (function-level ones included: a circle broken by 
 from the source. A module may import its own package's modules and any module of a lower layer, never one of its
 own layer in another package, nor one above it:
 
-    utils, configs  <  models, losses  <  checkpoints, decoding  <  data  <  generate, train, parity  <  bench  <  cli
+    utils, configs  <  models, losses  <  checkpoints, decoding  <  data  <  generate, convert, train, parity  <
+    bench  <  cli
 """
 
 import ast
@@ -19,7 +20,7 @@ LAYERS = {
     "models": 1, "losses": 1,
     "checkpoints": 2, "decoding": 2,
     "data": 3,
-    "generate": 4, "train": 4, "parity": 4,
+    "generate": 4, "convert": 4, "train": 4, "parity": 4,
     "bench": 5,
     "cli": 6,
 }

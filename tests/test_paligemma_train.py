@@ -13,6 +13,8 @@ import pytest
 
 from big_vision_lite.checkpoints import load
 from big_vision_lite.checkpoints.run import load_params, read_run_info
+from big_vision_lite.convert import convert
+from big_vision_lite.parity import run_parity
 from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import train
 from big_vision_lite.train.metrics import read_metrics
@@ -106,6 +108,13 @@ def test_lora_with_frozen_base_trains_only_the_adapters(siglip_dir, tmp_path):
             continue
         assert moved == 0, f"{jax.tree_util.keystr(path)} moved by {moved} although frozen"
     assert max(np.abs(flat_end[p] - flat_start[p]).max() for p in adapters) > 0
+
+    # Exported merged (nothing dropped), the HF folder gives transformers our logits and our greedy caption.
+    report = convert(str(tmp_path / "lora"), tmp_path / "hf")
+    assert report["lora_merged"] and "merged logits within" in report["verified"], report
+    assert "lora" not in (tmp_path / "hf" / "config.json").read_text()
+    parity = run_parity(str(tmp_path / "hf"))
+    assert parity.ok and parity.greedy_match, parity.table()  # float32: ok demands the same greedy ids too
 
 
 def test_attributes_are_read_back_from_captions():

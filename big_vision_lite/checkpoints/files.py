@@ -3,7 +3,8 @@ kind (decoders, SigLIP, PaliGemma). Folders are written atomically: complete or 
 """
 
 import json
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,24 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
 
+SAFETENSORS_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def stored_tensor_dtypes(folder: str | Path) -> dict[str, str]:
+    """Tensor name -> dtype as stored (safetensors' names: "BF16", "F32", ...) of an HF folder, from the files'
+    headers alone (8-byte little-endian length, then JSON): no tensor is read."""
+    dtypes = {}
+    for path in _safetensors_files(Path(folder)):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read the safetensors header ({e})") from None
+        dtypes |= {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    return dtypes
+
+
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -77,10 +96,14 @@ def check_tensor_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[i
                                   f"config.json implies {shape}")
 
 
-def write_hf_folder(folder: str | Path, hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Path:
-    """Writes config.json and model.safetensors (tensors as given); the folder appears only once complete."""
+def write_hf_folder(folder: str | Path, hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                    extra_files: Iterable[Path] = ()) -> Path:
+    """Writes config.json, model.safetensors (tensors as given) and copies of `extra_files` (e.g. the tokenizer's);
+    the folder appears only once complete."""
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
         # "format": "pt" is what transformers' safetensors loader expects in the header.
         save_file(dict(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for path in extra_files:
+            shutil.copyfile(path, tmp / Path(path).name)
     return Path(folder)

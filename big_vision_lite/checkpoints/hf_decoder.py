@@ -9,7 +9,7 @@ HF weight layouts (torch Linear is [out, in]): q_proj [N*H, D], k_proj/v_proj [K
 gate_proj/up_proj [F, D], down_proj [D, F], embed_tokens/lm_head [V, D], norms [D] (q_norm/k_norm [H]).
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,6 @@ def read_decoder_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any], 
 
 
 def save_decoder_hf(folder: str | Path, cfg: DecoderConfig, params: Mapping[str, Any],
-                    hf_config: Mapping[str, Any] | None = None) -> Path:
+                    hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
     """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors."""
-    return write_hf_folder(folder, hf_config or config_to_hf(cfg), params_to_hf(params, cfg))
+    return write_hf_folder(folder, hf_config or config_to_hf(cfg), params_to_hf(params, cfg), extra_files)

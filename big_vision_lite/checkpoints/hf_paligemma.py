@@ -24,7 +24,7 @@ rows (the image token, 257152, is one of the padding rows); transformers' logits
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +197,14 @@ def paligemma_params_from_hf(state: Mapping[str, np.ndarray], cfg: PaliGemmaConf
 
 
 def paligemma_params_to_hf(params: Mapping[str, Any], cfg: PaliGemmaConfig,
-                           layout: str = "legacy") -> dict[str, np.ndarray]:
-    """The HF state dict of our params (either block layout) in `layout` ("legacy" or "model"), without the tied
+                           layout: str | HFLayout = "legacy") -> dict[str, np.ndarray]:
+    """The HF state dict of our params (either block layout) in `layout` ("legacy", "model", or the `HFLayout`
+    `detect_layout` found in a source, e.g. transformers' own save with its flat vision tower), without the tied
     lm_head (as transformers saves it); the exact inverse of `paligemma_params_from_hf`."""
-    if layout not in LAYOUTS:
+    if not isinstance(layout, HFLayout) and layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {sorted(LAYOUTS)}")
     paligemma_config_to_hf(cfg)  # raises if HF cannot express the model
-    names = LAYOUTS[layout]
+    names = layout if isinstance(layout, HFLayout) else LAYOUTS[layout]
     img = params["img"]
     state = vision_params_to_hf(img, cfg.vision, names.vision)
     state[f"{names.projector}weight"] = np.ascontiguousarray(np.asarray(img["head"]["kernel"]).T)
@@ -225,9 +226,10 @@ def read_paligemma_hf(folder: str | Path) -> tuple[PaliGemmaConfig, dict[str, An
     return cfg, paligemma_params_from_hf(state, cfg, source, where), hf
 
 
-def save_paligemma_hf(folder: str | Path, cfg: PaliGemmaConfig, params: Mapping[str, Any], layout: str = "legacy",
-                      hf_config: Mapping[str, Any] | None = None) -> Path:
+def save_paligemma_hf(folder: str | Path, cfg: PaliGemmaConfig, params: Mapping[str, Any],
+                      layout: str | HFLayout = "legacy",
+                      hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
     """Writes config.json and model.safetensors (tensors as given, names per `layout`); the folder appears only
     once complete. `hf_config` (e.g. the original config.json) is written instead of the one derived from `cfg`."""
     state = paligemma_params_to_hf(params, cfg, layout)
-    return write_hf_folder(folder, hf_config or paligemma_config_to_hf(cfg), state)
+    return write_hf_folder(folder, hf_config or paligemma_config_to_hf(cfg), state, extra_files)

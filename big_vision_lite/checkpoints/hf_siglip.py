@@ -31,7 +31,7 @@ None and it fails normalising it), so only the towers' features are comparable t
 Conversions are pure transposes and reshapes, so HF -> ours -> HF returns the same bytes.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -417,7 +417,8 @@ def read_siglip_hf(folder: str | Path) -> tuple[TwoTowersConfig, dict[str, Any],
 
 
 def save_siglip_hf(folder: str | Path, cfg: TwoTowersConfig, params: Mapping[str, Any],
-                   hf_config: Mapping[str, Any] | None = None) -> Path:
+                   hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
     """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors (float tensors as
     given)."""
-    return write_hf_folder(folder, hf_config or siglip_config_to_hf(cfg), siglip_params_to_hf(params, cfg))
+    return write_hf_folder(folder, hf_config or siglip_config_to_hf(cfg), siglip_params_to_hf(params, cfg),
+                           extra_files)

@@ -46,6 +46,8 @@ from big_vision_lite.utils.atomic import atomic_folder
 from big_vision_lite.utils.paths import cache_dir
 
 SENTENCEPIECE_FILE = "tokenizer.model"
+# The files an HF folder (or a run's tokenizer/) keeps its tokenizer in: what a copy of the tokenizer takes.
+TOKENIZER_FILES = (TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json")
 _CACHE_MARKER = "bvl_tokenizer.json"
 
 

@@ -6,16 +6,19 @@ rank L and B maps L back to it, keeping the weight's other output axes (the 3 of
 head has its own adapter. B starts at zero, so a fresh adapter leaves the layer's output unchanged.
 
 Example equations: q "BTD,NDH->BTNH" gives A "BTD,NDL->BTNL" and B "BTNL,NLH->BTNH"; the output projection
-"BTNH,NHD->BTD" gives A "BTNH,NHL->BTL" and B "BTL,LD->BTD".
+"BTNH,NHD->BTD" gives A "BTNH,NHL->BTL" and B "BTL,LD->BTD". `merge_lora` folds trained adapters into the
+weights (for export to formats without adapters).
 """
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +115,35 @@ class Einsum(nn.Module):
             self, "w", self.shape, self.equation, x,
             dtype=self.dtype, param_dtype=self.param_dtype, w_init=self.w_init, lora=self.lora,
         )
+
+
+def merge_lora(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """`params` with every adapter folded into its weight, W + scale * A @ B computed in float32 and cast back to
+    W's dtype, and the `lora_a`/`lora_b` entries removed: the parameters of the same model without LoRA.
+
+    Axis letters: C the weight's contracted (input) axes, P its kept leading axes (the 3 of q|k|v, heads N or K,
+    the 2 of gate|up), O its last (output) axis, L the rank. A is [P.., C.., L], B [P.., L, O]. Every einsum of
+    this package keeps a *leading* run of the weight's axes (`lora_equations`: q "NDH" keeps N, kv "2KDH" keeps
+    2 and K, the output projection "NHD" keeps none), so B's leading axes are W's first ones; the shape checks
+    below hold that to account.
+    """
+    merged: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            merged[key] = merge_lora(value, scale)
+        elif not key.endswith(("lora_a", "lora_b")):
+            merged[key] = value
+    for key in params:
+        if not key.endswith("lora_a"):
+            continue
+        prefix = key[: -len("lora_a")]
+        weight_name = prefix[:-1] if prefix else "w"  # `Einsum` holds `w`; the MLP `gating_einsum_lora_a`...
+        w, a, b = (np.asarray(params[name]) for name in (weight_name, key, f"{prefix}lora_b"))
+        kept = b.ndim - 2
+        assert a.shape[:-1] == w.shape[:-1] and b.shape[-1] == w.shape[-1] and a.shape[-1] == b.shape[-2], (
+            f"adapter {key} {a.shape} / {prefix}lora_b {b.shape} does not fit {weight_name} {w.shape}")
+        assert b.shape[:-2] == w.shape[:kept], f"{prefix}lora_b {b.shape}: its leading axes must be {weight_name}'s"
+        lead = "abcdefgh"[: w.ndim - 1]
+        delta = np.einsum(f"{lead}z,{lead[:kept]}zy->{lead}y", a.astype(np.float32), b.astype(np.float32))
+        merged[weight_name] = (w.astype(np.float32) + np.float32(scale) * delta).astype(w.dtype)
+    return merged

@@ -7,13 +7,17 @@ from typing import Any
 import ml_collections
 
 from big_vision_lite.checkpoints.run import TOKENIZER_DIR
-from big_vision_lite.checkpoints.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer
+from big_vision_lite.checkpoints.tokenizer import (
+    SENTENCEPIECE_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    Tokenizer,
+    load_tokenizer,
+)
 from big_vision_lite.data.shapes import ShapesSpec, shapes_source
 from big_vision_lite.data.sources import folder_source, tar_source
 from big_vision_lite.data.text import train_caption_tokenizer
 from big_vision_lite.utils.atomic import atomic_folder
-
-TOKENIZER_FILES = (TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
 
 def make_sources(data: ml_collections.ConfigDict) -> tuple[Any, Any, Any | None]:

@@ -1,0 +1,68 @@
+"""`bvl convert`: every kind of HF folder round-trips HF -> ours -> HF byte for byte, PaliGemma also to a big_vision
+.npz that reads back equal; the LoRA export of a trained run is in test_paligemma_train (it needs a run)."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_paligemma_checkpoints import build_tiny_paligemma
+from test_siglip import build_tiny_siglip
+
+from big_vision_lite.checkpoints import load
+from big_vision_lite.checkpoints.npz import load_npz_params
+from big_vision_lite.cli import main
+from big_vision_lite.convert import convert
+from big_vision_lite.models.lora import merge_lora
+
+
+def _same_files(source: Path, destination: Path) -> None:
+    """Every file of `source` is in `destination` with the same bytes, and nothing else was added."""
+    names = sorted(p.name for p in source.iterdir())
+    assert sorted(p.name for p in destination.iterdir()) == names
+    for name in names:
+        assert (source / name).read_bytes() == (destination / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", ["gemma_mqa", "gemma2", "gemma3", "llama", "qwen3"])
+def test_decoders_round_trip_byte_for_byte(tiny_checkpoints, tmp_path, family):
+    report = convert(str(tiny_checkpoints[family]), tmp_path / "out")
+    assert report["verified"] == "every tensor reads back bit for bit" and not report["lora_merged"]
+    _same_files(tiny_checkpoints[family], tmp_path / "out")
+
+
+def test_decoder_with_tokenizer_through_the_cli(tiny_with_tokenizer, tmp_path, capsys):
+    assert main(["convert", str(tiny_with_tokenizer), str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]) == 0
+    assert "verified: every tensor reads back bit for bit" in capsys.readouterr().out
+    _same_files(tiny_with_tokenizer, tmp_path / "out")  # the tokenizer files travel with the weights
+    assert load(tmp_path / "out").tokenizer.encode("to be") == load(tiny_with_tokenizer).tokenizer.encode("to be")
+
+
+def test_siglip_and_paligemma_round_trip_byte_for_byte(tmp_path):
+    for name, folder in [("siglip", build_tiny_siglip(tmp_path / "siglip")),
+                         ("paligemma", build_tiny_paligemma(tmp_path / "paligemma", "gemma2"))]:
+        report = convert(str(folder), tmp_path / f"{name}_out")
+        assert report["kind"] == name
+        _same_files(folder, tmp_path / f"{name}_out")
+
+
+def test_paligemma_to_npz_reads_back_equal(tmp_path):
+    folder = build_tiny_paligemma(tmp_path / "paligemma", "gemma")
+    report = convert(str(folder), tmp_path / "params.npz", to="npz")
+    assert report["format"] == "npz" and report["verified"]
+    loaded = load(folder)
+    back = load_npz_params(tmp_path / "params.npz", loaded.config)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params), back)
+
+
+def test_merge_lora_folds_the_adapter_into_the_weight():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)  # kv "2KDH": keeps 2 and K
+    a = rng.normal(size=(2, 4, 3, 2)).astype(np.float32)
+    b = rng.normal(size=(2, 4, 2, 5)).astype(np.float32)
+    merged = merge_lora({"attn": {"kv_einsum": {"w": w, "lora_a": a, "lora_b": b}}}, scale=0.5)
+    assert set(merged["attn"]["kv_einsum"]) == {"w"}
+    expected = w + 0.5 * np.einsum("skdl,sklh->skdh", a, b)
+    np.testing.assert_allclose(merged["attn"]["kv_einsum"]["w"], expected, rtol=1e-6)
+    mlp = merge_lora({"linear": w[0, 0], "linear_lora_a": a[0, 0], "linear_lora_b": b[0, 0, :, :]}, scale=2.0)
+    np.testing.assert_allclose(mlp["linear"], w[0, 0] + 2.0 * a[0, 0] @ b[0, 0], rtol=1e-6)
