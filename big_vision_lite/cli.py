@@ -65,9 +65,11 @@ def _write_json(path: str | None, payload: dict) -> None:
 def cmd_parity(args: argparse.Namespace) -> int:
     from big_vision_lite.parity import run_parity
 
-    if args.json:
-        check_output_file(args.json, "--json")  # before the run: its results must not be lost at the end
-    report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance)
+    for option, path in (("--json", args.json), ("--record", args.record)):  # before the run, not at its end
+        if path:
+            check_output_file(path, option)
+    report = run_parity(args.model, args.dtype, seq_len=args.seq_len, tolerance=args.tolerance, record=args.record,
+                        against=args.against)
     print(report.table())
     _write_json(args.json, report.to_json())
     return 0 if report.ok else 1
@@ -139,7 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = args.model or DEMO_MODEL
     weights = "real Google weights" if model == DEMO_MODEL else "your model"
     print(f"== Golden-value parity: {model} ({weights}) against transformers (PyTorch) ==")
-    status = cmd_parity(argparse.Namespace(model=model, dtype="float32", seq_len=None, tolerance=None, json=None))
+    status = cmd_parity(argparse.Namespace(model=model, dtype="float32", seq_len=None, tolerance=None, json=None,
+                                              record=None, against=None))
     print(f"\n== Greedy generation from {model}: one jitted decode loop, a batch of prompts ==")
     generated = cmd_generate(argparse.Namespace(
         model=model, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
@@ -263,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "window)")
     p.add_argument("--tolerance", type=_number(float, 0.0),
                    help="max relative error (default: by dtype and model size; 0 demands equality)")
+    p.add_argument("--record", metavar="FILE", help="also write what transformers computed (inputs, every stage, "
+                                                    "greedy ids) to this golden file (safetensors)")
+    p.add_argument("--against", metavar="FILE", help="compare with a golden file instead of running transformers "
+                                                     "(no PyTorch needed)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("generate", help="continue prompts with the jitted decode loop")

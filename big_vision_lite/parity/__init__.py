@@ -1,5 +1,6 @@
 """Golden-value parity against transformers (PyTorch, eager attention), layer by layer, for every model kind.
 
+    golden.py      the reference side: transformers live, recorded to a golden file, or a golden replayed
     report.py      one report: per-stage errors (NaN-aware), tolerances, greedy agreement, table and JSON
     torch_side.py  the PyTorch side: transformers models from the same files, stage hooks, greedy generation
     decoder.py     decoders: a padded batch longer than any window; every layer, the logits, greedy ids
@@ -16,8 +17,8 @@ from typing import Any
 import jax
 
 from big_vision_lite.checkpoints import detect_kind, load, run
-from big_vision_lite.checkpoints.packaged import is_packaged_name
-from big_vision_lite.parity import decoder, paligemma, siglip, torch_side
+from big_vision_lite.checkpoints.packaged import is_packaged_name, resolve_model_path
+from big_vision_lite.parity import decoder, golden, paligemma, siglip, torch_side
 from big_vision_lite.parity.report import ParityReport, default_tolerance
 from big_vision_lite.utils.dtypes import dtype_name
 from big_vision_lite.utils.timing import Stopwatch
@@ -26,7 +27,7 @@ COMPARE = {"decoder": decoder.compare, "siglip": siglip.compare, "paligemma": pa
 
 
 def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = None, seq_len: int | None = None,
-               **options: Any) -> ParityReport:
+               record: str | Path | None = None, against: str | Path | None = None, **options: Any) -> ParityReport:
     """Compares our `model` with transformers in `dtype` (a name or a jnp dtype): a packaged name or an HF folder,
     the sources transformers reads too.
 
@@ -34,7 +35,13 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     (default: longer than any sliding window) and is refused for other kinds; `options` go to the kind's `compare`
     (e.g. `greedy_tokens`). Decoders and PaliGemma run with scanned layers (the generation inside unrolls them),
     SigLIP with unrolled blocks: the layouts the published figures were measured with.
+
+    `record` also writes what transformers computed to a golden file; `against` replays one instead of running
+    transformers (no torch needed), refusing a golden of other weights, dtype, options or batch (`golden.py`).
     """
+    if record is not None and against is not None:
+        raise ValueError("--record and --against exclude each other: record a golden with transformers, or check "
+                         "against one without it")
     dtype = dtype_name(dtype)
     kind = detect_kind(model)
     path = Path(model).expanduser()
@@ -47,14 +54,24 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
                              f"follows its config")
         options["seq_len"] = seq_len
     watch = Stopwatch()
+    with watch("identify"):
+        recorded_for = golden.identity(kind, resolve_model_path(model), dtype, options)
+    if against is not None:  # checked before anything is loaded: a wrong golden fails at once
+        reference: golden.ReferenceSide = golden.GoldenReference(against, recorded_for)
     with watch("load_ours"):
         loaded = load(model, dtype, scan_layers=kind != "siglip", return_hidden=True)
-    with watch("load_reference"):
-        reference = torch_side.load_reference(loaded.kind, model, dtype)
+    if against is None:
+        with watch("load_reference"):
+            model_ref = torch_side.load_reference(loaded.kind, model, dtype)
+        reference = golden.RecordingReference(model_ref) if record else golden.LiveReference(model_ref)
     # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which
     # would be our error, not the model's. No effect on the CPU.
     with jax.default_matmul_precision("highest"):
         fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
+    if isinstance(reference, golden.RecordingReference):
+        reference.write(record, recorded_for)
+    if isinstance(reference, golden.GoldenReference):
+        fields["notes"] = [*fields.get("notes", []), reference.describe()]
     name = str(model) if is_packaged_name(model) else path.name
     return ParityReport(model=name, dtype=dtype, seconds=watch.seconds,
                         tolerance=tolerance if tolerance is not None else default_tolerance(loaded.params, dtype),

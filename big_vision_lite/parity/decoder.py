@@ -18,6 +18,7 @@ from big_vision_lite.checkpoints import Loaded
 from big_vision_lite.decoding.engine import generate, jitted_prefill, left_pad
 from big_vision_lite.models.masks import positions_from_mask
 from big_vision_lite.parity import torch_side
+from big_vision_lite.parity.golden import ReferenceSide
 from big_vision_lite.parity.report import LayerError, compare_stage
 from big_vision_lite.utils.timing import Stopwatch
 
@@ -63,7 +64,7 @@ def _our_forward(loaded: Loaded, tokens: np.ndarray, mask: np.ndarray) -> dict[s
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, seq_len: int | None = None,
+def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, seq_len: int | None = None,
             greedy_tokens: int = 32, greedy_rows: int = 4) -> dict[str, Any]:
     """Every stage and the greedy ids of both sides (see the module docstring): the `ParityReport` fields."""
     cfg = loaded.config
@@ -71,7 +72,8 @@ def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, seq_len: int | 
     seq_len = seq_len or max(32, (cfg.sliding_window or 0) + 16)
     tokens, mask = parity_batch(cfg.vocab_size, seq_len)
     with watch("forward_reference"):
-        ref = _reference_forward(reference, tokens, mask)
+        ref = reference.run("forward", {"tokens": tokens, "mask": mask},
+                            lambda: _reference_forward(reference.model, tokens, mask))
     with watch("forward_ours"):
         ours = _our_forward(loaded, tokens, mask)
     names = ["embeddings", *[f"layer_{i}" for i in range(cfg.depth)], "final_norm", "logits"]
@@ -86,7 +88,8 @@ def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, seq_len: int | 
     else:
         prompts, prompt_mask = greedy_batch(cfg.vocab_size, seq_len, greedy_rows)
     with watch("greedy_reference"):
-        greedy_ref = torch_side.greedy(reference, prompts, prompt_mask, greedy_tokens)
+        greedy_ref = reference.run("greedy", {"prompts": prompts, "mask": prompt_mask}, lambda: {
+            "ids": torch_side.greedy(reference.model, prompts, prompt_mask, greedy_tokens)})["ids"]
     with watch("greedy_ours"):
         greedy_ours = generate(loaded.module.clone(return_hidden=False), loaded.params, prompts, prompt_mask,
                                greedy_tokens).tokens

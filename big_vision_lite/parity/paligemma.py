@@ -28,6 +28,7 @@ from big_vision_lite.decoding.engine import generate, jitted_prefill
 from big_vision_lite.models.masks import positions_from_mask
 from big_vision_lite.models.paligemma import PaliGemmaConfig
 from big_vision_lite.parity import torch_side
+from big_vision_lite.parity.golden import ReferenceSide
 from big_vision_lite.parity.report import compare_stage
 from big_vision_lite.utils.timing import Stopwatch
 
@@ -97,14 +98,15 @@ def _our_forward(loaded: Loaded, batch: dict[str, np.ndarray]) -> dict[str, np.n
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, greedy_tokens: int = 32, prefix_len: int = 6,
+def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, greedy_tokens: int = 32, prefix_len: int = 6,
             suffix_len: int = 8, seed: int = 0) -> dict[str, Any]:
     """Every stage of both towers and the greedy ids with the image (see the module docstring): the
     `ParityReport` fields."""
     cfg = loaded.config
     batch = paligemma_parity_batch(cfg, prefix_len=prefix_len, suffix_len=suffix_len, seed=seed)
     with watch("forward_reference"):
-        ref = _reference_forward(reference, batch)
+        inputs = {k: batch[k] for k in ("images", "tokens", "mask", "mask_ar")}
+        ref = reference.run("forward", inputs, lambda: _reference_forward(reference.model, batch))
     with watch("forward_ours"):
         ours = _our_forward(loaded, batch)
     images_valid = np.ones(len(batch["images"]), bool)
@@ -116,9 +118,11 @@ def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, greedy_tokens: 
 
     prompts, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
     with watch("greedy_reference"):
-        greedy_ref = torch_side.greedy(reference, prompts, prompt_mask, greedy_tokens,
-                                       pixel_values=torch_side.pixels_nchw(batch["images"], reference.dtype),
-                                       token_type_ids=torch_side.long_tensor(np.zeros_like(prompts)))
+        greedy_ref = reference.run("greedy", {"prompts": prompts, "mask": prompt_mask, "images": batch["images"]},
+                                   lambda: {"ids": torch_side.greedy(
+                                       reference.model, prompts, prompt_mask, greedy_tokens,
+                                       pixel_values=torch_side.pixels_nchw(batch["images"], reference.model.dtype),
+                                       token_type_ids=torch_side.long_tensor(np.zeros_like(prompts)))})["ids"]
     with watch("greedy_ours"):
         greedy_ours = generate(loaded.module.clone(return_hidden=False), loaded.params, prompts, prompt_mask,
                                greedy_tokens, images=batch["images"], mask_ar=np.zeros_like(prompts)).tokens

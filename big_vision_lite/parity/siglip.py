@@ -25,6 +25,7 @@ import numpy as np
 from big_vision_lite.checkpoints import Loaded
 from big_vision_lite.models.vit import ViT
 from big_vision_lite.parity import torch_side
+from big_vision_lite.parity.golden import ReferenceSide
 from big_vision_lite.parity.report import compare_stage
 from big_vision_lite.utils.timing import Stopwatch
 
@@ -98,7 +99,8 @@ def _our_forward(loaded: Loaded, images: np.ndarray, tokens: np.ndarray) -> dict
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, batch: int = 3, seed: int = 0) -> dict[str, Any]:
+def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, batch: int = 3, seed: int = 0
+            ) -> dict[str, Any]:
     """Every stage of both towers, the logits and the loss (see the module docstring): the `ParityReport` fields."""
     if batch < 2:
         raise ValueError(f"batch must be >= 2 (the loss needs negatives), got {batch}")
@@ -106,7 +108,8 @@ def compare(loaded: Loaded, reference: Any, watch: Stopwatch, *, batch: int = 3,
     use_head = cfg.image.pool_type == "map"
     images, tokens = siglip_parity_batch(cfg.image.image_size, cfg.text.vocab_size, cfg.text.max_len, batch, seed)
     with watch("forward_reference"):
-        ref = _reference_forward(reference, images, tokens, use_head)
+        ref = reference.run("forward", {"images": images, "tokens": tokens},
+                            lambda: _reference_forward(reference.model, images, tokens, use_head))
     with watch("forward_ours"):
         ours = _our_forward(loaded, images, tokens)
     if set(ours) != set(ref):
