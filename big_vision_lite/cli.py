@@ -10,10 +10,10 @@ them, so `bvl --help` answers at once.
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from big_vision_lite.utils.inputs import check_output_dir, check_output_file, read_text_file
@@ -32,21 +32,25 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
             high_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: `kind` (int or float) within [low, high] (an end excluded when open); NaN refused."""
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    allowed = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
+    """An argparse type: `kind` (int or float) within [low, high] (an end excluded when open); NaN and infinities
+    refused (an infinite temperature or tolerance is never meant)."""
+    def end(value: float | None, infinite: str) -> str:
+        return infinite if value is None else str(value) if kind is int else f"{value:g}"
+
+    lo = "(" if low_open or low is None else "["
+    hi = ")" if high_open or high is None else "]"
+    allowed = f"{lo}{end(low, '-inf')}, {end(high, 'inf')}{hi}"
+    what = "an integer" if kind is int else "a finite number"
 
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} in {allowed}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what} in {allowed}, got {text[:40]!r}") from None
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if math.isnan(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be in {allowed}, got {text}")
+        if (kind is float and not math.isfinite(value)) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {what} in {allowed}, got {text[:40]}")
         return value
     return parse
 
@@ -148,8 +152,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model=model, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
         top_p=None, seed=0, dtype=None, json=False, image=None))
     print("\n== SigLIP from scratch on generated shapes: retrieval of held-out (colour, shape) pairs ==")
-    trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:{args.siglip}",
-                                           workdir=str(_fresh_demo_workdir()), set=None, allow_config_change=False))
+    import shutil
+
+    from big_vision_lite.utils.locks import folder_lock
+    from big_vision_lite.utils.paths import cache_dir
+
+    demo_dir = cache_dir() / "demo"
+    with folder_lock(demo_dir, what="the demo folder"):  # held before deleting: two demos never share a run
+        workdir = demo_dir / "siglip_shapes"
+        shutil.rmtree(workdir, ignore_errors=True)  # the demo trains from scratch every time
+        trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:{args.siglip}", workdir=str(workdir),
+                                               set=None, allow_config_change=False))
     return status or generated or trained
 
 
@@ -164,16 +177,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"in {report['dtype']}{merged}, {report['seconds']:.1f} s; verified: {report['verified'] or 'skipped'}")
     _write_json(args.json, report)
     return 0
-
-
-def _fresh_demo_workdir() -> Path:
-    import shutil
-
-    from big_vision_lite.utils.paths import cache_dir
-
-    workdir = cache_dir() / "demo" / "siglip_shapes"
-    shutil.rmtree(workdir, ignore_errors=True)  # the demo trains from scratch every time
-    return workdir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens (needs --temperature > 0)")
     p.add_argument("--top-p", type=FRACTION, help="sample from the smallest set of tokens holding this probability "
                                                   "mass (needs --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="the PRNG seed of sampling")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="the PRNG seed of sampling")
     p.add_argument("--dtype", choices=dtypes, help="default: a training run's own dtype, float32 otherwise")
     p.add_argument("--json", action="store_true", help="print the completions and timings as JSON")
     p.set_defaults(func=cmd_generate)
@@ -369,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, its one line already printed)
         return int(exit_.code or 0)
+    # Orbax logs a failed background commit (a full disk) with tracebacks through absl; the error itself reaches
+    # the user below, as one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except (ValueError, ImportError, OSError) as e:  # input errors and unusable paths: one line, no traceback

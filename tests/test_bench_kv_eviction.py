@@ -60,10 +60,10 @@ def test_bad_input_is_refused(smollm2_cache, tmp_path, monkeypatch, capsys):
     cases = [
         (["--text-file", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
         (["--text-file", str(short)], "tokens with smollm2-135m's tokenizer; the evaluation needs at least 2000"),
-        (["--budgets", "0.1", "1.5"], "argument --budgets: must be in (0, 1), got 1.5"),
+        (["--budgets", "0.1", "1.5"], "argument --budgets: expected a finite number in (0, 1), got 1.5"),
         (["--policies", "lru"], "--policies ['lru'] not among"),
         (["--max-tokens", "500"], "max_tokens must be at least 2000, got 500"),
-        (["--max-tokens", "-1"], "argument --max-tokens: must be in [1, inf], got -1"),
+        (["--max-tokens", "-1"], "argument --max-tokens: expected an integer in [1, inf), got -1"),
         (["--budgets", "0.02"], "capacity 40 (row 0) must exceed num_sinks + recent_window = 68"),
     ]
     for extra, message in cases:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -98,6 +99,8 @@ def test_generate_refuses_bad_values_before_loading(refused, files):
         (["--top-p", "0.9"], "top_p"),
         (["--dtype", "float16"], "--dtype"),
         (["--seed", "x"], "--seed"),
+        (["--seed", "1" + "0" * 30], "--seed"),
+        (["--temperature", "inf"], "--temperature"),
     ]:
         refused(["generate", model, "--prompt", "hi", *argv], named)
     refused(["generate", model], "--prompt")
@@ -243,11 +246,15 @@ def test_train_refuses_bad_configs_overrides_and_workdirs(refused, files, tmp_pa
                             ("total_steps=True", "total_steps"), ("total_steps=0", "total_steps"),
                             ("batch_size=-16", "batch_size"), ("optimizer.lr=fast", "optimizer.lr"),
                             ("optimizer.lrr=1", "optimizer.lrr"), ("total_steps", "expected key=value"),
-                            ("data.name='nope'", "data.name")]:
+                            ("data.name='nope'", "data.name"), ("seed=9223372036854775808", "config.seed"),
+                            ("total_steps=99999999999999999999", "config.total_steps"),
+                            ("batch_size={[1]: 2}", "batch_size")]:
         refused([*smoke, "--set", override], named)
     refused(["train", "siglip_shapes:smoke", "--workdir", files["file"]], "--workdir", "is a file")
     refused(["train", "siglip_shapes:smoke", "--workdir", files["file"] / "sub"], "--workdir")
     refused(["train", "no_such_config", "--workdir", workdir], "unknown config 'no_such_config'")
+    refused(["train", "siglip_shapes:smok", "--workdir", workdir], "got :smok")
+    refused(["train", "paligemma_shapes_caption:full", "--workdir", workdir], "got :full")
     refused(["train", tmp_path / "missing.py", "--workdir", workdir], "missing.py does not exist")
     refused(["train", files["dir"], "--workdir", workdir], str(files["dir"]), "is a directory")
     refused(["train", files["fifo"], "--workdir", workdir], str(files["fifo"]), "FIFO")
@@ -303,9 +310,20 @@ def test_a_required_run_waits_for_its_holder_then_proceeds(tmp_path):
                 print("releasing", flush=True)
         """)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
+    started = time.monotonic()
     with folder_lock(shared, what="required run", wait=True):
-        assert holder.stdout.readline().strip() == "releasing"  # acquired only once the holder let go
+        waited = time.monotonic() - started
     holder.wait()
+    assert waited > 1.5, waited  # the holder kept it for 2 s after saying "locked"
+    assert holder.stdout.read().strip() == "releasing"
+
+
+def test_a_run_that_requires_its_own_workdir_is_refused_not_deadlocked(refused, tmp_path):
+    workdir = tmp_path / "run"
+    refused(["train", "paligemma_shapes_caption:smoke", "--workdir", workdir, "--set",
+             f"init.siglip_workdir={workdir}"], "already in use by this very run")
+    with folder_lock(workdir), pytest.raises(FolderInUseError, match="this very run"), folder_lock(workdir, wait=True):
+        pass
 
 
 def test_bench_checks_output_paths_before_running(refused, files):
@@ -399,14 +417,20 @@ def test_a_read_error_moves_nothing_and_loses_nothing(tmp_path, monkeypatch, fau
     before, steps_before = _history(tmp_path)
     config_before = (tmp_path / "config.json").read_bytes()
 
-    def failing_restore(self, step, *args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error", str(tmp_path / CHECKPOINT_DIR / str(step)))
+    # What a read fault looks like from orbax: an OSError, tensorstore's status errors (ValueError), XLA's OOM.
+    faults = [OSError(errno.EIO, "Input/output error", str(tmp_path / CHECKPOINT_DIR / "8")),
+              ValueError('PERMISSION_DENIED: Error opening "zarr" driver: [OS error 13: Permission denied]'),
+              ValueError("UNAVAILABLE: Error reading local file: [OS error 5: Input/output error]"),
+              RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.")]
+    for fault in faults:
+        def failing_restore(self, step, *args, fault=fault, **kwargs):
+            raise fault
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
-    with pytest.raises(CheckpointReadError, match=r"I/O error.*nothing was moved"):
-        train(toy_config(), tmp_path, progress=False)
-    with pytest.raises(CheckpointReadError, match="nothing was moved"):
-        load_params(tmp_path)  # what `bvl generate RUN` and the PaliGemma warm start read
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+        with pytest.raises(CheckpointReadError, match=r"does not prove it corrupt.*nothing was moved"):
+            train(toy_config(), tmp_path, progress=False)
+        with pytest.raises(CheckpointReadError, match="nothing was moved"):
+            load_params(tmp_path)  # what `bvl generate RUN` and the PaliGemma warm start read
     after, steps_after = _history(tmp_path)
     fault_tally["files lost"] += _lost(before, after) + len(set(steps_before) - set(steps_after))
     assert steps_after == steps_before and after == before and not (tmp_path / CORRUPT_DIR).exists()
@@ -425,16 +449,18 @@ def test_load_params_falls_back_past_a_corrupt_checkpoint_without_moving_it(tmp_
 
 
 def test_a_full_disk_stops_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch, fault_tally, capsys):
-    """ENOSPC injected into the save of checkpoint 8: the run stops with one line; 4 stays the latest; re-run ends
-    as an uninterrupted run would."""
-    original = ocp.CheckpointManager.save
+    """ENOSPC injected where a full disk surfaces: orbax's background commit of checkpoint 8. The run stops with
+    one line; 4 stays the latest; the next run resumes from it."""
+    from orbax.checkpoint._src.path import atomicity
 
-    def full_disk(self, step, *args, **kwargs):
-        if step == 8:
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / CHECKPOINT_DIR / "8"))
-        return original(self, step, *args, **kwargs)
+    original = atomicity.AtomicRenameTemporaryPath.finalize
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    async def full_disk(self, *args, **kwargs):
+        if self._final_path.name == "8":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._final_path))
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
     config = tmp_path / "toy.py"
     config.write_text(textwrap.dedent(f"""
         import sys
@@ -451,7 +477,7 @@ def test_a_full_disk_stops_the_run_with_the_last_good_checkpoint(tmp_path, monke
     assert "Traceback" not in err and len(errors) == 1 and "No space left on device" in errors[0], err
     before, steps = _history(tmp_path / "run")
     assert steps == [4]
-    monkeypatch.setattr(ocp.CheckpointManager, "save", original)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", original)
     assert main(["train", str(config), "--workdir", str(tmp_path / "run")]) == 0
     after, steps = _history(tmp_path / "run")
     fault_tally["files lost"] += _lost(before, after)
@@ -469,6 +495,14 @@ def test_resuming_with_a_changed_config_is_refused_listing_the_changes(tmp_path,
     assert result.start_step == 4 and not list(tmp_path.glob("config.until-step-*"))
     after, _ = _history(tmp_path)
     assert _lost(before, after) == 0
+    # Allowed explicitly: the old config is kept beside the new one once a checkpoint of the new one exists.
+    old_config = (tmp_path / "config.json").read_text()
+    changed = toy_config(optimizer=dict(toy_config().optimizer, lr=0.1))
+    with pytest.warns(UserWarning, match=r"changed config \(optimizer.lr: 0.2 -> 0.1\)"):
+        train(changed, tmp_path, stop_at=12, progress=False, allow_config_change=True)
+    assert (tmp_path / "config.until-step-8.json").read_text() == old_config
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.1
+    assert train(changed, tmp_path, progress=False).start_step == 12  # the new config is the run's now
 
 
 def test_nan_stops_with_the_last_good_state_and_every_metrics_line(tmp_path, fault_tally):
@@ -481,6 +515,25 @@ def test_nan_stops_with_the_last_good_state_and_every_metrics_line(tmp_path, fau
     after, steps = _history(tmp_path)
     fault_tally["files lost"] += _lost(before, after)
     assert _lost(before, after) == 0 and steps == [4]
+    # No checkpoint of the changed config was saved, so the workdir still describes checkpoint 4's config.
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.2
+    assert not list(tmp_path.glob("config.until-step-*"))
+    assert train(toy_config(), tmp_path, progress=False).final_step == 12  # the original command resumes
+
+
+def test_when_every_checkpoint_is_corrupt_the_run_says_so_then_restarts_keeping_history(tmp_path, fault_tally):
+    train(toy_config(), tmp_path, stop_at=8, progress=False)
+    before, _ = _history(tmp_path)
+    for f in (tmp_path / CHECKPOINT_DIR).rglob("manifest.ocdbt"):
+        f.write_bytes(b"")
+    with pytest.warns(UserWarning, match="cannot be restored"), pytest.raises(
+            ValueError, match=r"every checkpoint .* \(steps \[4, 8\]\) proved corrupt.*run again to start"):
+        train(toy_config(), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / CORRUPT_DIR).iterdir()) == ["4", "8"]
+    assert train(toy_config(), tmp_path, progress=False).start_step == 0
+    after, _ = _history(tmp_path)
+    fault_tally["files lost"] += _lost(before, after)
+    assert _lost(before, after) == 0
 
 
 # -------------------------------------------------------------------------------------------- atomic writes
@@ -489,12 +542,21 @@ def test_nan_stops_with_the_last_good_state_and_every_metrics_line(tmp_path, fau
 def test_atomic_writes_use_a_temporary_per_writer_and_sync_before_the_rename(tmp_path, monkeypatch):
     target = tmp_path / "result.json"
     payloads = [json.dumps({"writer": i, "data": "x" * 100_000}) for i in range(8)]
-    threads = [threading.Thread(target=lambda p=p: [atomic.write_text_atomic(target, p) for _ in range(10)])
-               for p in payloads]
+    failures = []
+
+    def write(payload: str) -> None:
+        try:
+            for _ in range(10):
+                atomic.write_text_atomic(target, payload)
+        except Exception as error:  # a thread's exception would otherwise only be printed
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not failures, failures
     assert target.read_text() in payloads  # one writer's whole file, never a mix
     assert not _leftovers(tmp_path)
 

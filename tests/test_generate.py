@@ -119,9 +119,9 @@ def test_cli_generate_input_errors(tiny_with_tokenizer, tiny_checkpoints, tmp_pa
     assert main(["generate", model, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt does not exist" in capsys.readouterr().err
     assert main(["generate", model, "--prompt", "x", "--top-p", "1.5"]) == 2
-    assert "argument --top-p: must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "argument --top-p: expected a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["generate", model, "--prompt", "x", "--max-new-tokens", "0"]) == 2
-    assert "argument --max-new-tokens: must be in [1, inf], got 0" in capsys.readouterr().err
+    assert "argument --max-new-tokens: expected an integer in [1, inf), got 0" in capsys.readouterr().err
     assert main(["generate", str(tiny_checkpoints["llama"]), "--prompt", "x"]) == 2
     assert "no tokenizer.json or tokenizer.model" in capsys.readouterr().err
     # A model of the wrong kind for the request is named as such, before anything is generated.

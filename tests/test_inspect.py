@@ -109,11 +109,11 @@ def test_cli_inspect_writes_summary_and_plots(tiny_with_tokenizer, tmp_path, cap
 def test_cli_inspect_input_errors(tiny_with_tokenizer, tmp_path, capsys):
     model, out = str(tiny_with_tokenizer), str(tmp_path / "out")
     assert main(["inspect", model, "--prompt", "to be", "--max-new-tokens", "0", "--out", out]) == 2
-    assert "argument --max-new-tokens: must be in [1, inf], got 0" in capsys.readouterr().err
+    assert "argument --max-new-tokens: expected an integer in [1, inf), got 0" in capsys.readouterr().err
     assert main(["inspect", model, "--prompt", "to be", "--layers", "0", "5", "--out", out]) == 2
     assert "layer 5 is out of range: the model has 3 layers, indices 0..2" in capsys.readouterr().err
     assert main(["inspect", model, "--prompt", "to be", "--p", "1.5", "--out", out]) == 2
-    assert "argument --p: must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "argument --p: expected a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["inspect", model, "--prompt", "to be", "--look-back", "0", "--out", out]) == 2
-    assert "argument --look-back: must be in [1, inf], got 0" in capsys.readouterr().err
+    assert "argument --look-back: expected an integer in [1, inf), got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

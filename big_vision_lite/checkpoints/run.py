@@ -9,13 +9,15 @@ The training loop (train/) writes these; `load_params` and `read_run_info` read 
 notebooks and warm starts, whatever mesh wrote them.
 
 A checkpoint that fails to restore is *proven corrupt* only when every one of its files reads back (no I/O error)
-and the failure is not an I/O error either: its content is then damaged or incomplete, and reading it again
-cannot help. Any other failure (a disk or network read error, a permission fault) may pass: nothing may be set
+and the failure itself says the content is damaged or incomplete: tensorstore's DATA_LOSS or NOT_FOUND, a JSON
+file that does not parse, a missing file. Reading it again cannot help. Any other failure (a disk or network
+read error, a permission fault, tensorstore's UNAVAILABLE, an out-of-memory error) may pass: nothing may be set
 aside or skipped for it, and `CheckpointReadError` says so.
 """
 
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,16 +138,29 @@ def _error_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+# tensorstore's status codes (the start of its ValueError messages) for data that is damaged or absent.
+CORRUPTION_STATUSES = ("DATA_LOSS", "NOT_FOUND")
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 def _unreadable_file(step_dir: Path) -> tuple[Path, OSError] | None:
-    """The first file of a checkpoint folder that cannot be read to its end, with the error."""
-    for path in sorted(step_dir.rglob("*")):
-        try:
-            if path.is_file():
+    """The first file (or folder) of a checkpoint that cannot be read to its end, with the error."""
+    try:
+        walk = list(os.walk(step_dir, onerror=_raise))  # a folder that cannot be listed raises, not skipped
+    except OSError as error:
+        return Path(error.filename or step_dir), error
+    for folder, _, names in walk:
+        for name in sorted(names):
+            path = Path(folder) / name
+            try:
                 with path.open("rb") as f:
                     while f.read(1 << 24):
                         pass
-        except OSError as error:
-            return path, error
+            except OSError as error:
+                return path, error
     return None
 
 
@@ -159,10 +174,14 @@ def check_restore_failure(step_dir: Path, error: Exception) -> str:
                                   "; a read error is not proof of corruption, so nothing was moved. Fix the storage "
                                   "and run again")
     for cause in _error_chain(error):
-        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
-            raise CheckpointReadError(f"checkpoint {step_dir}: restoring failed with an I/O error ({cause}); it may "
-                                      "pass, so nothing was moved. Run again once the storage is healthy") from None
-    return f"{type(error).__name__}: {str(error)[:200]}"
+        damaged = isinstance(cause, json.JSONDecodeError | FileNotFoundError) or (
+            type(cause) is ValueError and str(cause).startswith(CORRUPTION_STATUSES))
+        if damaged:
+            return f"{type(cause).__name__}: {str(cause)[:200]}"
+    raise CheckpointReadError(f"checkpoint {step_dir}: restoring failed ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:200]}), which does not prove it corrupt (damaged or "
+                              "missing data would); it may pass, so nothing was moved. Run again once the cause is "
+                              "fixed")
 
 
 def read_saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:

@@ -16,6 +16,8 @@ from big_vision_lite.configs import siglip_shapes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "smoke"):  # a typo must not silently train the full run
+        raise ValueError(f"paligemma_shapes_caption takes no argument or :smoke, got :{arg}")
     c = ml_collections.ConfigDict()
     c.task = "paligemma"
     c.seed = 0

@@ -9,8 +9,12 @@ seconds-long one for tests.
 
 import ml_collections
 
+ARGS = (None, "demo", "smoke")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in ARGS:  # a typo must not silently train the full run
+        raise ValueError(f"siglip_shapes takes no argument, :demo or :smoke, got :{arg}")
     c = ml_collections.ConfigDict()
     c.task = "siglip"
     c.seed = 0

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, check_restore_failure, saved_state_shapes
 from big_vision_lite.utils.trees import path_name
 
@@ -63,8 +64,11 @@ class Checkpointer:
         """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
         `abstract_state` gives the shapes, dtypes and shardings to restore into (jax.ShapeDtypeStruct leaves).
+        When every checkpoint proves corrupt, all are set aside and CheckpointError says so: the run does not
+        silently start again from step 0 (running again does, the history kept).
         """
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -73,6 +77,10 @@ class Checkpointer:
             except Exception as error:  # set aside only when proven corrupt; anything else raises
                 self._refuse_other_state(step, abstract_state)
                 self._set_aside(step, check_restore_failure(self.directory / str(step), error))
+        if steps:
+            raise CheckpointError(f"every checkpoint of {self.workdir} (steps {steps}) proved corrupt and was moved to "
+                                  f"{self.workdir / CORRUPT_DIR}; run again to start this workdir from step 0 (its "
+                                  "metrics are kept in metrics.superseded.jsonl)")
         return None
 
     def _refuse_other_state(self, step: int, abstract_state: Any) -> None:

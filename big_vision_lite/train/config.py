@@ -91,12 +91,12 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     if isinstance(current, str):  # verbatim, or the string a quoted literal ('ring', "a b") spells
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return text
         return value if isinstance(value, str) else text
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # e.g. {[1]: 2} is unhashable
         if current is None:  # an unset optional: keep the raw string
             return text
         raise ConfigError(f"--set {key}={text}: expected {type(current).__name__} like {current!r}, "

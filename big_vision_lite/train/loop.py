@@ -110,9 +110,12 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
     if missing:
         raise ValueError(f"config lacks {', '.join(missing)}")
     task_class(config.task)  # refuses an unknown task before anything is built
-    for key in ("total_steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_ckpts"):
-        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"config.{key} must be an int >= 1, got {config[key]!r}")
+    # The step counter is int32 on the device; PRNGKey takes a uint32 seed (larger ones silently wrap).
+    for key, low, high in [*((k, 1, 2**31 - 1) for k in ("total_steps", "batch_size", "log_every", "eval_every",
+                                                          "ckpt_every", "keep_ckpts")), ("seed", 0, 2**32 - 1)]:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"config.{key} must be an int in [{low}, {high}], got {value!r}")
 
 
 def reuse_freed_host_memory() -> bool:
@@ -221,15 +224,17 @@ def train_requirements(config: ml_collections.ConfigDict, *, progress: bool = Tr
                 print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
                 required = requirement.load_config()
                 check_loop_config(required)
+                allow = f"`bvl train {requirement.config} --workdir {requirement.workdir} --allow-config-change`"
+                changes = _check_resumed_config(required, requirement.workdir, False, allow)
                 train_requirements(required, progress=progress)
-                _train_locked(required, requirement.workdir, stop_at=None, progress=progress,
-                              allow_config_change=False)
+                _train_locked(required, requirement.workdir, changes, stop_at=None, progress=progress)
 
 
-def _check_resumed_config(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool
-                          ) -> tuple[int, list[str]] | None:
-    """Refuses to resume a run with another config than its saved one (see `config_changes`) unless allowed;
-    returns (the latest step, the changes) of an allowed change, None when nothing changes."""
+def _check_resumed_config(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+                          how_to_allow: str = "--allow-config-change") -> tuple[int, list[str]] | None:
+    """Refuses to resume a run with another config than its saved one (see `config_changes`) unless allowed
+    (`how_to_allow` says how, in the message); returns (the latest step, the changes) of an allowed change, None
+    when nothing changes."""
     saved = read_saved_config(workdir)
     step = latest_step(workdir)
     if saved is None or step is None:
@@ -240,21 +245,23 @@ def _check_resumed_config(config: ml_collections.ConfigDict, workdir: Path, allo
     if not allow_config_change:
         raise ConfigError(f"workdir {workdir} holds a run (step {step}) of another config; resuming would change "
                           f"{'; '.join(changes)}. Train in a new workdir, or resume with these changes with "
-                          "--allow-config-change")
+                          f"{how_to_allow}")
     return step, changes
 
 
-def _record_config(config: ml_collections.ConfigDict, workdir: Path, changes: tuple[int, list[str]] | None) -> None:
-    """Writes `config` as the run's config.json; an allowed change first keeps the old one beside it."""
+def _record_run(config: ml_collections.ConfigDict, workdir: Path, changes: tuple[int, list[str]] | None,
+                task: Task) -> None:
+    """Writes `config` as the run's config.json and the task's model.json; an allowed change first keeps the old
+    config beside it (`config.until-step-<N>.json`)."""
     if changes is not None:
-        step, listed = changes
+        step, _ = changes
         kept, copies = workdir / f"config.until-step-{step}.json", 1
         while kept.exists():  # changed twice at one step: keep every config
             kept, copies = workdir / f"config.until-step-{step}.{copies}.json", copies + 1
         write_text_atomic(kept, (workdir / CONFIG_FILE).read_text(encoding="utf-8"))
-        warnings.warn(f"resuming {workdir} at step {step} with a changed config ({'; '.join(listed)}); the old one "
-                      f"is kept as {kept}", stacklevel=4)
     write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
+    if (info := task.run_info()) is not None:
+        write_run_info(workdir, info)
 
 
 class _PendingMetrics:
@@ -282,15 +289,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file, expected a folder")
     with folder_lock(workdir):
+        changes = _check_resumed_config(config, workdir, allow_config_change)  # before any required run trains
         train_requirements(config, progress=progress)
-        return _train_locked(config, workdir, stop_at=stop_at, progress=progress,
-                             allow_config_change=allow_config_change)
+        return _train_locked(config, workdir, changes, stop_at=stop_at, progress=progress)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_at: int | None, progress: bool,
-                  allow_config_change: bool) -> TrainResult:
-    """`train` once the workdir's lock is held and the required runs have finished."""
-    changes = _check_resumed_config(config, workdir, allow_config_change)
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path, changes: tuple[int, list[str]] | None, *,
+                  stop_at: int | None, progress: bool) -> TrainResult:
+    """`train` once the workdir's lock is held, its config checked (`changes`: an allowed change, or None) and the
+    required runs finished."""
     trainer = prepare(config, workdir)
     task = trainer.task
 
@@ -302,10 +309,16 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_at: 
         start_step, state, meta = restored
         if meta.get("data_position") != start_step:
             raise ValueError(f"checkpoint {start_step}: data_position {meta.get('data_position')} != its step")
-    # Only now, with the state known to fit this config, does the workdir say it holds this config's run.
-    _record_config(config, workdir, changes)
-    if (info := task.run_info()) is not None:
-        write_run_info(workdir, info)
+    # Only now, with the state known to fit this config, does the workdir say it holds this config's run; after an
+    # allowed change, only once a checkpoint trained with it is on disk (a run that fails before that, e.g. on
+    # NaN, leaves the workdir describing its checkpoints as they are).
+    record_run: Callable[[], None] | None = functools.partial(_record_run, config, workdir, changes, task)
+    if changes is None:
+        record_run()
+        record_run = None
+    else:
+        warnings.warn(f"resuming {workdir} at step {changes[0]} with a changed config ({'; '.join(changes[1])}); "
+                      "the old config is kept beside it once the first checkpoint of this one is saved", stacklevel=3)
     last_step = min(config.total_steps, stop_at or config.total_steps)
     log = MetricsLog(workdir, start_step)
     pending = _PendingMetrics()
@@ -352,6 +365,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, *, stop_at: 
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in final_eval.items()))
             if is_ckpt:
                 checkpointer.save(step, state, {"step": step, "data_position": step})
+                if record_run is not None:
+                    checkpointer.wait()  # committed: from now on the workdir holds this config's run
+                    record_run()
+                    record_run = None
             interval_start, interval_steps = time.perf_counter(), 0
     except NonFiniteLossError as error:
         checkpointer.wait()

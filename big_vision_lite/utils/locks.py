@@ -30,6 +30,11 @@ def _holder(lock_path: Path) -> str:
     return f"process {pid}" if pid else "another process"
 
 
+# Locks this process holds, by the lock file's (device, inode): flock does not nest within one process (a second
+# descriptor of the same file would wait for the first forever), so a second request is refused instead.
+_HELD: set[tuple[int, int]] = set()
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, *, what: str = "workdir", wait: bool = False) -> Iterator[Path]:
     """Holds the exclusive lock of `folder` (created if missing) for the `with` block."""
@@ -37,6 +42,12 @@ def folder_lock(folder: str | Path, *, what: str = "workdir", wait: bool = False
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    stat = os.fstat(fd)
+    key = (stat.st_dev, stat.st_ino)
+    if key in _HELD:
+        os.close(fd)
+        raise FolderInUseError(f"{what} {folder} is already in use by this very run: a run cannot train in (or "
+                               "require a run in) its own workdir; give the required run another workdir")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,6 +61,8 @@ def folder_lock(folder: str | Path, *, what: str = "workdir", wait: bool = False
             print(f"{what} {folder}: lock acquired after {time.monotonic() - started:.0f} s", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(key)
         yield folder
     finally:
+        _HELD.discard(key)
         os.close(fd)  # releases the lock; the file stays (removing it would race with a process opening it)

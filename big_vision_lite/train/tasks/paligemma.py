@@ -71,9 +71,12 @@ def siglip_vision_init(init: ml_collections.ConfigDict) -> tuple[ml_collections.
     if not requirement.finished():
         raise ValueError(f"the SigLIP run in {requirement.workdir} has not finished: train it first with "
                          f"`bvl train {init.siglip_config} --workdir {requirement.workdir}`")
-    _, params = load_params(requirement.workdir)
+    step, params = load_params(requirement.workdir)
     saved = read_saved_config(requirement.workdir)  # what the tower was trained with, whatever the file says now
     assert saved is not None, "a finished run has its config.json (Requirement.finished reads it)"
+    if step != saved.total_steps:  # load_params fell back past a corrupt final checkpoint
+        raise ValueError(f"the SigLIP run in {requirement.workdir}: its final checkpoint (step {saved.total_steps}) "
+                         f"cannot be read, only step {step}; a vision tower must start from the finished run")
     return saved, params["img"]
 
 
