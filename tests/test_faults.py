@@ -275,18 +275,26 @@ def test_train_refuses_bad_configs_overrides_and_workdirs(refused, files, tmp_pa
     assert not (workdir / CHECKPOINT_DIR).exists()  # no refused run left a checkpoint
 
 
-def test_train_refuses_a_workdir_in_use_and_a_killed_holder_leaves_no_stale_lock(refused, tmp_path):
-    workdir = tmp_path / "run"
+def _lock_holder(folder: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding `folder`'s lock for `seconds`; returns once it holds it (it prints "releasing" as
+    it lets go)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
+            import time
             from big_vision_lite.utils.locks import folder_lock
-            with folder_lock({str(workdir)!r}):
+            with folder_lock({str(folder)!r}):
                 print("locked", flush=True)
-                time.sleep(600)
+                time.sleep({seconds})
+                print("releasing", flush=True)
         """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_train_refuses_a_workdir_in_use_and_a_killed_holder_leaves_no_stale_lock(refused, tmp_path):
+    workdir = tmp_path / "run"
+    holder = _lock_holder(workdir, 600)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         refused(["train", "siglip_shapes:smoke", "--workdir", workdir], f"is in use by process {holder.pid}")
         with pytest.raises(FolderInUseError, match=str(holder.pid)):
             train(toy_config(), workdir, progress=False)
@@ -300,16 +308,7 @@ def test_train_refuses_a_workdir_in_use_and_a_killed_holder_leaves_no_stale_lock
 def test_a_required_run_waits_for_its_holder_then_proceeds(tmp_path):
     """Two runs that need the same shared run: the second waits for the lock instead of training it again."""
     shared = tmp_path / "shared"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import time
-            from big_vision_lite.utils.locks import folder_lock
-            with folder_lock({str(shared)!r}):
-                print("locked", flush=True)
-                time.sleep(2)
-                print("releasing", flush=True)
-        """)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
+    holder = _lock_holder(shared, 2)
     started = time.monotonic()
     with folder_lock(shared, what="required run", wait=True):
         waited = time.monotonic() - started
