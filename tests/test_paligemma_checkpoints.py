@@ -214,6 +214,25 @@ def test_parity_detects_a_causal_prefix(folders, monkeypatch):
     assert errors["image_tokens"] <= 1e-5 and errors["embeddings"] <= 1e-5  # the vision side does not see the mask
 
 
+def test_drill_down_names_a_planted_defect_in_the_decoder(folders, monkeypatch):
+    """Our decoder's MLP activation swapped (SiLU for tanh-GELU): the vision side still agrees, the first decoder
+    layer fails, and its drill-down names the MLP's hidden activations."""
+    import big_vision_lite.parity as parity
+
+    real_load = parity.load
+
+    def planted(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        cfg = dataclasses.replace(loaded.config, llm=dataclasses.replace(loaded.config.llm, activation="silu"))
+        return dataclasses.replace(loaded, module=loaded.module.clone(config=cfg), config=cfg)
+
+    monkeypatch.setattr(parity, "load", planted)
+    report = run_parity(str(folders["gemma2", "model"]), greedy_tokens=2)
+    errors = {e.name: e.rel_err for e in report.layers}
+    assert not report.ok and errors["image_tokens"] <= 1e-5 and errors["layer_0"] > 1e-3
+    assert report.drill_down.layer == "layer_0" and report.drill_down.first_broken == "mlp_hidden", report.table()
+
+
 def test_cli_parity_dispatches_on_model_type(folders, tmp_path, capsys):
     out = tmp_path / "parity.json"
     assert main(["parity", str(folders["gemma2", "legacy"]), "--json", str(out)]) == 0

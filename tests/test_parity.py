@@ -42,6 +42,64 @@ def test_parity_detects_a_wrong_sliding_window(tiny_checkpoints, monkeypatch):
     assert report.layers[0].rel_err == 0.0  # embeddings do not depend on the window
 
 
+def _config_defect(**changes):
+    def plant(loaded):
+        cfg = dataclasses.replace(loaded.config, **changes)
+        return dataclasses.replace(loaded, module=loaded.module.clone(configs=(cfg,)), config=cfg)
+    return plant
+
+
+def _transposed_output_projection(loaded):
+    """attn_vec_einsum [L, N, H, D] read as the transposed [D, N*H] matrix (square: N * H == D)."""
+    w = np.asarray(loaded.params["layers"]["attn"]["attn_vec_einsum"]["w"])
+    layers, heads, head_dim, width = w.shape
+    assert heads * head_dim == width
+    flipped = w.reshape(layers, width, width).transpose(0, 2, 1).reshape(w.shape)
+    params = {**loaded.params, "layers": {**loaded.params["layers"], "attn": {
+        **loaded.params["layers"]["attn"], "attn_vec_einsum": {"w": flipped}}}}
+    return dataclasses.replace(loaded, params=params)
+
+
+PLANTED_DEFECTS = {  # defect -> (tiny family, how our side is broken, the sub-stage that must be named)
+    "rope base": ("gemma2", _config_defect(rope_theta=20_000.0), "q"),
+    "query scale": ("gemma2", _config_defect(query_pre_attn_scalar=None), "logits"),
+    "missing soft-cap": ("gemma2", _config_defect(attn_logit_softcap=None), "logits_capped"),
+    "norm offset": ("gemma2", _config_defect(norm_plus_one=False), "normed"),
+    "activation": ("gemma2", _config_defect(activation="silu"), "mlp_hidden"),
+    "transposed projection": ("gemma_mha", _transposed_output_projection, "attn_out"),
+    "qk-norm missing": ("qwen3", _config_defect(qk_norm=False), "q"),
+}
+
+
+@pytest.mark.parametrize("defect", list(PLANTED_DEFECTS))
+def test_drill_down_names_the_stage_of_a_planted_defect(tiny_checkpoints, monkeypatch, defect):
+    """One defect per stage kind, planted in our model only: the first layer out of tolerance is drilled down
+    (the RoPE base of gemma2's full-attention layers first shows in layer 1; the rest in layer 0) and its
+    drill-down names the first sub-stage the defect reaches."""
+    family, plant, stage = PLANTED_DEFECTS[defect]
+    real_load = parity.load
+    monkeypatch.setattr(parity, "load", lambda *a, **k: plant(real_load(*a, **k)))
+    report = parity.run_parity(str(tiny_checkpoints[family]), greedy_tokens=2)
+    drill = report.drill_down
+    first_bad = next(e.name for e in report.layers if e.rel_err > 1e-5)
+    assert not report.ok and drill is not None and drill.layer == first_bad, report.table()
+    assert first_bad == ("layer_1" if defect == "rope base" else "layer_0")
+    assert drill.first_broken == stage, report.table()
+    errors = {e.name: e.rel_err for e in drill.stages}
+    names = list(errors)
+    assert names[0] == "normed" and names[-1] == "output"
+    assert all(errors[name] <= 1e-5 for name in names[:names.index(stage)])  # the stages before
+    assert errors[stage] > 1e-3
+    data = report.to_json()["drill_down"]
+    assert data["first_broken"] == stage and len(data["stages"]) == len(errors)
+    assert f"first sub-stage out of tolerance: {stage}" in report.table()
+
+
+def test_a_passing_run_has_no_drill_down(tiny_checkpoints):
+    report = parity.run_parity(str(tiny_checkpoints["gemma2"]), greedy_tokens=2)
+    assert report.ok and report.drill_down is None and report.to_json()["drill_down"] is None
+
+
 def test_cli_parity_writes_json_and_exit_status(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "parity.json"
     assert main(["parity", str(tiny_checkpoints["qwen3"]), "--json", str(out)]) == 0
@@ -93,9 +151,9 @@ def test_report_ok_and_greedy_agreement_rules():
     assert report.ok
     report.layers = [LayerError("logits", 1.0, 2e-5)]
     assert not report.ok
-    # bfloat16: near-tied greedy choices may differ, the error bound alone decides.
+    # Differing ids without margins are never explained away, in bfloat16 either.
     bf16 = dataclasses.replace(report, dtype="bfloat16", tolerance=3e-2, greedy_ref=[[1, 2, 3], [7, 7, 7]])
-    assert bf16.ok and bf16.greedy_agree == [3, 0]
+    assert not bf16.ok and bf16.greedy_agree == [3, 0] and not bf16.divergences[0].near_tie
     # An encoder decodes nothing: greedy fields are null and the error bound alone decides.
     encoder = ParityReport("s", "siglip", "float32", 1e-5, [LayerError("loss", 0.1, 3e-6)], None, None,
                                   {}, notes=["no head"])
@@ -103,6 +161,26 @@ def test_report_ok_and_greedy_agreement_rules():
     assert encoder.ok and data["greedy_match"] is None and data["greedy_agree"] is None and data["notes"] == ["no head"]
     assert "note: no head" in encoder.table() and "greedy" not in encoder.table()
     assert not dataclasses.replace(encoder, layers=[LayerError("loss", 0.1, 2e-5)]).ok
+
+
+def test_greedy_divergence_is_a_near_tie_only_below_twice_the_logit_error():
+    """Row 1 parts at step 1. The forward logits differ by at most 0.05, so two logits 0.08 apart may swap by
+    rounding (0.08 < 2 x 0.05): a near-tie, and the run passes; 0.5 apart they cannot: a defect, and it fails."""
+    ours, ref = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]
+    margins = lambda m: [[3.0, 3.0, 3.0], [2.0, m, 1.0]]  # noqa: E731
+    tied = ParityReport("m", "gemma", "bfloat16", 3e-2, [LayerError("logits", 0.05, 1e-3)], ours, ref, {},
+                        greedy_margins_ours=margins(0.08), greedy_margins_ref=margins(0.09))
+    [d] = tied.divergences
+    assert (d.row, d.step, d.id_ours, d.id_ref, d.near_tie) == (1, 1, 5, 9, True) and tied.ok
+    data = tied.to_json()
+    assert data["divergences"][0]["margin_ours"] == 0.08 and data["near_tie_below"] == 0.1
+    assert "diverges at step 1" in tied.table() and "near-tie (rounding)" in tied.table()
+    defect = dataclasses.replace(tied, greedy_margins_ours=margins(0.5), greedy_margins_ref=margins(0.5))
+    assert not defect.divergences[0].near_tie and not defect.ok and "DEFECT" in defect.table()
+    # One side's small margin is enough: the other side's logits may be the ones rounding moved.
+    assert dataclasses.replace(defect, greedy_margins_ref=margins(0.01)).ok
+    # float32 follows the same rule.
+    assert dataclasses.replace(tied, dtype="float32", tolerance=1.0).ok
 
 
 def test_a_nan_or_inf_anywhere_fails_the_report():

@@ -8,9 +8,10 @@ concatenation cache; `generate` gives that cache room for the new tokens (fixed 
 `while_loop` of `decode_step`s: it compiles once, has no Python step per token, and stops when every row has
 produced an end token or `max_new_tokens` ids. Masks always come from the stored key positions and validity, never
 from a "causal" shortcut. A `record` function (a hashable callable, e.g. a frozen dataclass) sees every step's
-model outputs and cache; what it returns is stacked over the steps: that is how attention inspection observes the
-same loop that generation runs. Any model with the decoder's call signature works: a `Decoder`, or a `PaliGemma`
-with `images` (their placeholders filled in the prefill) and `mask_ar` (a prefix-LM prefill).
+model outputs (with that step's `logits`) and cache; what it returns is stacked over the steps: that is how
+attention inspection and parity's logit margins observe the same loop that generation runs. Any model with the
+decoder's call signature works: a `Decoder`, or a `PaliGemma` with `images` (their placeholders filled in the
+prefill) and `mask_ar` (a prefix-LM prefill).
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ from big_vision_lite.models.gemma import DecoderConfig
 from big_vision_lite.models.masks import causal_mask, positions_from_mask, prefill_mask, prefix_lm_mask
 from big_vision_lite.models.paligemma import PaliGemma, check_image_tokens
 
-Record = Callable[[dict[str, Any], KVCache], Any]  # (a step's `out` dict, the cache after it) -> arrays to keep
+Record = Callable[[dict[str, Any], KVCache], Any]  # (a step's `out` dict + `logits`, the cache after it) -> arrays
 
 
 def prefill(module: nn.Module, params: Any, tokens: jax.Array, input_mask: jax.Array, *,
@@ -105,7 +106,8 @@ def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCach
         logits, cache, key_valid, model_out = step(s)
         records = s.records
         if record is not None:
-            records = jax.tree.map(lambda buf, r: buf.at[s.step].set(r), records, record(model_out, cache))
+            kept = record({**model_out, "logits": logits}, cache)
+            records = jax.tree.map(lambda buf, r: buf.at[s.step].set(r), records, kept)
         token = sample(logits[:, -1], jax.random.fold_in(rng, s.step), sampler)
         return _LoopState(s.step + 1, token, cache, key_valid, s.position + 1, out, done, records)
 
@@ -116,8 +118,8 @@ def _decode_loop(module: nn.Module, params: Any, first: jax.Array, cache: KVCach
                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), None)
     if record is not None:
         def first_record() -> Any:
-            _, cache, _, model_out = step(state)
-            return record(model_out, cache)
+            logits, cache, _, model_out = step(state)
+            return record({**model_out, "logits": logits}, cache)
 
         shapes = jax.eval_shape(first_record)
         state = state._replace(records=jax.tree.map(lambda a: jnp.zeros((max_new_tokens, *a.shape), a.dtype), shapes))
@@ -168,13 +170,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 class Generated:
     """What `generate` returns: on the host, the ids [B, N] (after a row's end token: `pad_id`) and per row how many
     ids it produced (end included); on the device, the cache after the last step (fixed capacity, layers stacked),
-    the prefill's `out` dict, and the stacked `record` outputs ([N, ...] each; None without a record; steps after
-    every row ended hold zeros)."""
+    the prefill's `out` dict and its last-token logits [B, V] (which chose the first id), and the stacked `record`
+    outputs ([N, ...] each, step s seeing the logits that choose id s + 1; None without a record; steps after every
+    row ended hold zeros)."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     cache: KVCache
     prefill_out: dict[str, Any]
+    first_logits: jax.Array
     records: Any = None
 
 
@@ -239,4 +243,4 @@ def generate(
     out = np.asarray(out)
     is_end = np.isin(out, list(end_ids))
     lengths = np.where(is_end.any(1), is_end.argmax(1) + 1, max_new_tokens)
-    return Generated(out, lengths, cache, prefill_out, records)
+    return Generated(out, lengths, cache, prefill_out, logits[:, -1], records)

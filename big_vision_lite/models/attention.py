@@ -55,6 +55,10 @@ class Attention(nn.Module):
     RoPE, and optionally this layer's cache `kv`. Returns the per-expert outputs (None where the input was None),
     the keys and values attended to ([B, S, K, H] each: the new ones alone without a cache), and the
     probabilities [B, N, T, S] when `return_probs` (else None).
+
+    With the `intermediates` collection mutable it sows its sub-stages for parity's drill-down: `q` and `k` after
+    RoPE (before the query scale) [B, T|S, N|K, H], `v`, the `logits` before and after the soft-cap
+    (`logits_capped`, the same array without one) and `probs` [B, K, G, T, S], and each expert's `attn_out`.
     """
 
     configs: Sequence[Any]
@@ -103,6 +107,8 @@ class Attention(nn.Module):
 
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            self.sow("intermediates", name, value)
         q = q * jnp.asarray(first.query_scale, q.dtype)
 
         if kv is not None:
@@ -110,9 +116,11 @@ class Attention(nn.Module):
 
         q = einops.rearrange(q, "B T (K G) H -> B T K G H", K=num_kv_heads)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        self.sow("intermediates", "logits", logits)
         if first.attn_logit_softcap is not None:
             cap = first.attn_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
+        self.sow("intermediates", "logits_capped", logits)
         batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
         if attn_mask.shape == (batch, q_len, kv_len):
             head_mask = attn_mask[:, None, None, :, :]  # [B, 1, 1, T, S]
@@ -123,6 +131,7 @@ class Attention(nn.Module):
                              f"or [B, K, T, S] = {(batch, num_kv_heads, q_len, kv_len)}")
         logits = jnp.where(head_mask, logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1)  # float32 [B, K, G, T, S]
+        self.sow("intermediates", "probs", probs)
         encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
         encoded = einops.rearrange(encoded, "B T K G H -> B T (K G) H")
 
@@ -135,6 +144,7 @@ class Attention(nn.Module):
             span = encoded[:, start : start + x.shape[1]]
             out_proj = einsum((num_heads, head_dim, cfg.width), "BTNH,NHD->BTD", _name("attn_vec_einsum", i), cfg)
             outs.append(out_proj(span))
+            self.sow("intermediates", _name("attn_out", i), outs[-1])
             start += x.shape[1]
 
         out_probs = einops.rearrange(probs, "B K G T S -> B (K G) T S") if self.return_probs else None

@@ -150,6 +150,8 @@ class FeedForward(nn.Module):
         xs = jnp.broadcast_to(x, (2, *x.shape))
         gate, up = lora_einsum(self, "gating_einsum", (2, cfg.width, cfg.mlp_dim), "cBTD,cDF->cBTF", xs, **kw)
         hidden = ACTIVATIONS[cfg.activation](gate) * up  # [B, T, F]
+        self.sow("intermediates", "gate", gate)  # parity's drill-down (a no-op unless the collection is mutable)
+        self.sow("intermediates", "hidden", hidden)
         return lora_einsum(self, "linear", (cfg.mlp_dim, cfg.width), "BTF,FD->BTD", hidden, **kw)
 
 
@@ -183,6 +185,10 @@ class Block(nn.Module):
     `mask` is the layer's mask ([B, T, S], or [B, K, T, S] per kv head); sliding layers take `window_mask` instead
     when one is given (a scanned stack picks between the two per layer). `write_at` is where this call's keys go
     in the cache (see `cache.LayerKV`).
+
+    With the `intermediates` collection mutable (parity's drill-down) it sows, per expert i, `normed`,
+    `post_attn_normed`, `residual_attn` (after the attention's residual add), `ffw_normed`, `mlp_out`,
+    `post_ffw_normed` and `output` (names suffixed `_i` for i > 0), and its attention and MLP sow theirs.
     """
 
     configs: Sequence[DecoderConfig]
@@ -200,6 +206,10 @@ class Block(nn.Module):
             None if x is None else norm(_name("pre_attention_norm", i), cfg)(x)
             for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True))
         ]
+        sow = lambda name, i, value: self.sow("intermediates", _name(name, i), value)  # noqa: E731
+        for i, y in enumerate(normed):
+            if y is not None:
+                sow("normed", i, y)
         if window_mask is not None:
             mask = jnp.where(layer.sliding, window_mask, mask)
         kv = None if layer.k is None else LayerKV(layer.k, layer.v, write_at)
@@ -213,12 +223,18 @@ class Block(nn.Module):
                 continue
             if cfg.post_norms:
                 y = norm(_name("post_attention_norm", i), cfg)(y)
+                sow("post_attn_normed", i, y)
             x = x + y
+            sow("residual_attn", i, x)
             y = norm(_name("pre_ffw_norm", i), cfg)(x)
+            sow("ffw_normed", i, y)
             y = FeedForward(cfg, self.dtype, self.param_dtype, name=_name("mlp", i))(y)
+            sow("mlp_out", i, y)
             if cfg.post_norms:
                 y = norm(_name("post_ffw_norm", i), cfg)(y)
+                sow("post_ffw_normed", i, y)
             new_xs.append(x + y)
+            sow("output", i, new_xs[-1])
         return new_xs, LayerOutputs(k, v, probs if self.return_probs else None,
                                     new_xs[0] if self.return_hidden else None)
 
@@ -260,7 +276,7 @@ class Decoder(nn.Module):
         if self.scan_layers:
             scanned = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},  # sown sub-stages stack over L too
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=first.depth,

@@ -33,8 +33,9 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
 
     `tolerance` defaults by dtype and model size (`report.TOLERANCES`); `seq_len` is the decoder batch's length
     (default: longer than any sliding window) and is refused for other kinds; `options` go to the kind's `compare`
-    (e.g. `greedy_tokens`). Decoders and PaliGemma run with scanned layers (the generation inside unrolls them),
-    SigLIP with unrolled blocks: the layouts the published figures were measured with.
+    (e.g. `greedy_tokens`); the first decoder layer out of tolerance is drilled down to its sub-stages. Decoders
+    and PaliGemma run with scanned layers (the generation inside unrolls them), SigLIP with unrolled blocks: the
+    layouts the published figures were measured with.
 
     `record` also writes what transformers computed to a golden file; `against` replays one instead of running
     transformers (no torch needed), refusing a golden of other weights, dtype, options or batch (`golden.py`).
@@ -60,6 +61,7 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
         reference: golden.ReferenceSide = golden.GoldenReference(against, recorded_for)
     with watch("load_ours"):
         loaded = load(model, dtype, scan_layers=kind != "siglip", return_hidden=True)
+    tolerance = tolerance if tolerance is not None else default_tolerance(loaded.params, dtype)
     if against is None:
         with watch("load_reference"):
             model_ref = torch_side.load_reference(loaded.kind, model, dtype)
@@ -67,12 +69,10 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which
     # would be our error, not the model's. No effect on the CPU.
     with jax.default_matmul_precision("highest"):
-        fields = COMPARE[loaded.kind](loaded, reference, watch, **options)
+        fields = COMPARE[loaded.kind](loaded, reference, watch, tolerance, **options)
     if isinstance(reference, golden.RecordingReference):
         reference.write(record, recorded_for)
     if isinstance(reference, golden.GoldenReference):
         fields["notes"] = [*fields.get("notes", []), reference.describe()]
     name = str(model) if is_packaged_name(model) else path.name
-    return ParityReport(model=name, dtype=dtype, seconds=watch.seconds,
-                        tolerance=tolerance if tolerance is not None else default_tolerance(loaded.params, dtype),
-                        **fields)
+    return ParityReport(model=name, dtype=dtype, seconds=watch.seconds, tolerance=tolerance, **fields)

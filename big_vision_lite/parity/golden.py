@@ -28,7 +28,7 @@ from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.utils.atomic import atomic_file
 
 METADATA_KEY = "bvl_golden"
-FORMAT = 1
+FORMAT = 2  # 2: greedy results hold the top-two logit margins beside the ids
 IDENTITY_KEYS = ("format", "kind", "dtype", "options", "files")  # what must match; the rest is information
 HASHED_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")
 

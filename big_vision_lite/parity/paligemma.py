@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite.checkpoints import Loaded
-from big_vision_lite.decoding.engine import generate, jitted_prefill
+from big_vision_lite.decoding.engine import jitted_prefill
 from big_vision_lite.models.masks import positions_from_mask
 from big_vision_lite.models.paligemma import PaliGemmaConfig
 from big_vision_lite.parity import torch_side
+from big_vision_lite.parity.decoder import drill_into_first_failure, our_greedy, our_substages, reference_substages
 from big_vision_lite.parity.golden import ReferenceSide
-from big_vision_lite.parity.report import compare_stage
+from big_vision_lite.parity.report import compare_stage, greedy_fields
 from big_vision_lite.utils.timing import Stopwatch
 
 BOS_ID = 2  # Gemma's
@@ -98,8 +99,8 @@ def _our_forward(loaded: Loaded, batch: dict[str, np.ndarray]) -> dict[str, np.n
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, greedy_tokens: int = 32, prefix_len: int = 6,
-            suffix_len: int = 8, seed: int = 0) -> dict[str, Any]:
+def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, tolerance: float, *, greedy_tokens: int = 32,
+            prefix_len: int = 6, suffix_len: int = 8, seed: int = 0) -> dict[str, Any]:
     """Every stage of both towers and the greedy ids with the image (see the module docstring): the
     `ParityReport` fields."""
     cfg = loaded.config
@@ -115,16 +116,21 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, greed
     names = ["embeddings", *[f"layer_{i}" for i in range(cfg.llm.depth)], "final_norm", "logits"]
     layers += [compare_stage(n, ours[n], ref[n], batch["mask"]) for n in names]
     del ref, ours
+    fields = {"model_type": "paligemma", "layers": layers}
+    fields |= drill_into_first_failure(
+        layers, tolerance, reference, watch, inputs,
+        lambda i: our_substages(loaded, i, batch["tokens"], batch["mask"], batch["mask_ar"], images=batch["images"]),
+        lambda i: reference_substages(reference.model.model.language_model.layers[i],
+                                      lambda: _reference_forward(reference.model, batch)))
 
     prompts, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
     with watch("greedy_reference"):
         greedy_ref = reference.run("greedy", {"prompts": prompts, "mask": prompt_mask, "images": batch["images"]},
-                                   lambda: {"ids": torch_side.greedy(
+                                   lambda: torch_side.greedy(
                                        reference.model, prompts, prompt_mask, greedy_tokens,
                                        pixel_values=torch_side.pixels_nchw(batch["images"], reference.model.dtype),
-                                       token_type_ids=torch_side.long_tensor(np.zeros_like(prompts)))})["ids"]
+                                       token_type_ids=torch_side.long_tensor(np.zeros_like(prompts))))
     with watch("greedy_ours"):
-        greedy_ours = generate(loaded.module.clone(return_hidden=False), loaded.params, prompts, prompt_mask,
-                               greedy_tokens, images=batch["images"], mask_ar=np.zeros_like(prompts)).tokens
-    return {"model_type": "paligemma", "layers": layers, "greedy_ours": greedy_ours.tolist(),
-            "greedy_ref": greedy_ref.tolist()}
+        greedy_ours = our_greedy(loaded.module.clone(return_hidden=False), loaded.params, prompts, prompt_mask,
+                                 greedy_tokens, images=batch["images"], mask_ar=np.zeros_like(prompts))
+    return fields | greedy_fields(greedy_ours, greedy_ref)

@@ -3,8 +3,14 @@
 A stage is compared on the rows (or tokens) that carry meaning (`valid`) as max |ours - ref| and the relative
 error ||ours - ref|| / ||ref||. A stage in which either side holds a NaN or inf fails outright (its errors are
 inf and `nonfinite` counts the bad values): no tolerance is met by a NaN, and a maximum over the stages must never
-skip one. `ok` means every stage is finite and within tolerance and, for models that decode in float32, the
-greedy ids equal the reference's.
+skip one.
+
+Greedy ids that differ are diagnosed (`Divergence`): the first step where a row's ids differ, both sides' margin
+between their two largest logits there, and a verdict. Both sides saw the same ids up to that step, so each logit
+differs by at most the logits' observed error e (the forward batch's max |ours - ref| of `logits`); two logits each
+off by e can swap places when they were less than 2 e apart (`NEAR_TIE_FACTOR`). A smaller margin on either side is
+a near-tie (rounding chose), a larger one a defect. `ok` means every stage is finite and within tolerance and every
+greedy divergence is a near-tie.
 """
 
 import dataclasses
@@ -19,6 +25,7 @@ import numpy as np
 TOLERANCES = {("float32", "tiny"): 1e-5, ("float32", "real"): 1e-4, ("bfloat16", "tiny"): 3e-2,
               ("bfloat16", "real"): 6e-2}
 TINY_PARAMS = 10_000_000  # below this a checkpoint counts as a tiny test model
+NEAR_TIE_FACTOR = 2.0  # two logits each off by e swap only when less than 2 e apart (see the module docstring)
 
 
 def default_tolerance(params: Any, dtype: str) -> float:
@@ -35,6 +42,21 @@ class LayerError:
     nonfinite: int = 0  # NaN or inf values on either side (0: both finite)
 
 
+def within(error: LayerError, tolerance: float) -> bool:
+    """The stage is finite and its relative error at most `tolerance`."""
+    return math.isfinite(error.rel_err) and error.rel_err <= tolerance
+
+
+@dataclasses.dataclass
+class DrillDown:
+    """The sub-stages of the first layer out of tolerance, and the first of them out of tolerance (None: each is
+    within it, only their sum is not)."""
+
+    layer: str
+    stages: list[LayerError]
+    first_broken: str | None
+
+
 def compare_stage(name: str, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> LayerError:
     """The errors of one stage over `valid` (a boolean index of the leading axes: rows, or [B, T] tokens)."""
     if ours.shape != ref.shape:
@@ -45,6 +67,51 @@ def compare_stage(name: str, ours: np.ndarray, ref: np.ndarray, valid: np.ndarra
         return LayerError(name, math.inf, math.inf, nonfinite)
     diff = ours64 - ref64
     return LayerError(name, float(np.abs(diff).max()), float(np.linalg.norm(diff) / np.linalg.norm(ref64)))
+
+
+@dataclasses.dataclass
+class Divergence:
+    """The first step at which one row's greedy ids differ, and whether rounding explains it."""
+
+    row: int
+    step: int
+    id_ours: int
+    id_ref: int
+    margin_ours: float  # our top-1 minus top-2 logit at that step
+    margin_ref: float
+    near_tie: bool  # a margin below NEAR_TIE_FACTOR x the logits' observed error on either side
+
+
+def greedy_fields(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Both sides' greedy `ids` and `margins` [B, N] as `ParityReport` fields."""
+    for side, out in (("ours", ours), ("ref", ref)):
+        assert out["ids"].shape == out["margins"].shape, (side, out["ids"].shape, out["margins"].shape)
+    return {"greedy_ours": ours["ids"].tolist(), "greedy_ref": ref["ids"].tolist(),
+            "greedy_margins_ours": ours["margins"].tolist(), "greedy_margins_ref": ref["margins"].tolist()}
+
+
+def greedy_divergences(ours: list[list[int]], ref: list[list[int]], margins_ours: list[list[float]],
+                       margins_ref: list[list[float]], logit_error: float) -> list[Divergence]:
+    """One `Divergence` per row whose ids differ, at its first differing step; near-tie below
+    NEAR_TIE_FACTOR * `logit_error` (inf when the logits were not finite: nothing is then called a near-tie)."""
+    near = NEAR_TIE_FACTOR * logit_error if math.isfinite(logit_error) else -math.inf
+    found = []
+    for row, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        step = next((s for s, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if step is None:
+            continue
+        m_ours, m_ref = float(margins_ours[row][step]), float(margins_ref[row][step])
+        found.append(Divergence(row, step, a[step], b[step], m_ours, m_ref, min(m_ours, m_ref) < near))
+    return found
+
+
+def finite(x: float) -> float | str:
+    """x, or its name when it is not finite: JSON has no literal for inf or NaN."""
+    return x if math.isfinite(x) else str(x)
+
+
+def stage_json(error: LayerError) -> dict[str, Any]:
+    return {**dataclasses.asdict(error), "max_abs_err": finite(error.max_abs_err), "rel_err": finite(error.rel_err)}
 
 
 @dataclasses.dataclass
@@ -64,6 +131,9 @@ class ParityReport:
     greedy_ref: list[list[int]] | None
     seconds: dict[str, float]
     greedy_prompts: list[str] | None = None  # the texts behind the greedy ids (None: random ids)
+    greedy_margins_ours: list[list[float]] | None = None  # [B, N] top-1 minus top-2 logit at each step
+    greedy_margins_ref: list[list[float]] | None = None
+    drill_down: DrillDown | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -87,14 +157,26 @@ class ParityReport:
         return agree
 
     @property
+    def logit_error(self) -> float:
+        """The forward batch's max |ours - ref| over the logits: how far apart the two sides' logits may be."""
+        return next((e.max_abs_err for e in self.layers if e.name == "logits"), math.inf)
+
+    @property
+    def divergences(self) -> list[Divergence]:
+        """Per row whose greedy ids differ, the first differing step; without margins nothing is a near-tie."""
+        if self.greedy_ours is None or self.greedy_ref is None:
+            return []
+        unknown = [[math.inf] * len(row) for row in self.greedy_ours]
+        return greedy_divergences(self.greedy_ours, self.greedy_ref, self.greedy_margins_ours or unknown,
+                                  self.greedy_margins_ref or unknown, self.logit_error)
+
+    @property
     def ok(self) -> bool:
-        # bfloat16 implementations round in different places, so near-tied greedy choices may differ.
+        # Implementations round in different places, so greedy choices between near-tied logits may differ.
         worst = self.max_rel_err
-        within = bool(np.isfinite(worst)) and worst <= self.tolerance
-        return within and (self.greedy_match is not False or self.dtype != "float32")
+        return bool(np.isfinite(worst)) and worst <= self.tolerance and all(d.near_tie for d in self.divergences)
 
     def to_json(self) -> dict[str, Any]:
-        finite = lambda x: x if math.isfinite(x) else str(x)  # noqa: E731  JSON has no literal for inf
         return {
             "model": self.model,
             "model_type": self.model_type,
@@ -104,22 +186,38 @@ class ParityReport:
             "greedy_match": self.greedy_match,
             "greedy_agree": self.greedy_agree,
             "ok": self.ok,
-            "layers": [{**dataclasses.asdict(e), "max_abs_err": finite(e.max_abs_err), "rel_err": finite(e.rel_err)}
-                       for e in self.layers],
+            "layers": [stage_json(e) for e in self.layers],
+            "drill_down": None if self.drill_down is None else {
+                "layer": self.drill_down.layer, "first_broken": self.drill_down.first_broken,
+                "stages": [stage_json(e) for e in self.drill_down.stages]},
             "greedy_ours": self.greedy_ours,
             "greedy_ref": self.greedy_ref,
             "greedy_prompts": self.greedy_prompts,
+            "greedy_margins_ours": self.greedy_margins_ours,
+            "greedy_margins_ref": self.greedy_margins_ref,
+            "divergences": [dataclasses.asdict(d) for d in self.divergences],
+            "near_tie_below": finite(NEAR_TIE_FACTOR * self.logit_error) if self.greedy_ours is not None else None,
             "seconds": self.seconds,
             "notes": self.notes,
         }
 
     def table(self) -> str:
-        width = max(14, *(len(e.name) for e in self.layers))
+        drilled = [] if self.drill_down is None else self.drill_down.stages
+        width = max(14, *(len(e.name) for e in self.layers), *(len(e.name) + 2 for e in drilled))
         lines = [f"parity {self.model} ({self.model_type}, {self.dtype}) vs transformers eager",
                  f"{'stage':<{width}} {'max_abs_err':>12} {'rel_err':>12}"]
         for e in self.layers:
             bad = f"  {e.nonfinite} NaN/inf values" if e.nonfinite else ""
             lines.append(f"{e.name:<{width}} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}{bad}")
+        if (drill := self.drill_down) is not None:
+            lines.append(f"drill-down of {drill.layer}, the first layer out of tolerance:")
+            lines += [f"  {e.name:<{width - 2}} {e.max_abs_err:>12.3e} {e.rel_err:>12.3e}" for e in drill.stages]
+            lines.append(f"  first sub-stage out of tolerance: {drill.first_broken or 'none on its own'}")
+        for d in self.divergences:
+            verdict = "near-tie (rounding)" if d.near_tie else "DEFECT (margin too large for rounding)"
+            lines.append(f"greedy row {d.row} diverges at step {d.step}: ours {d.id_ours} (margin {d.margin_ours:.3g}),"
+                         f" ref {d.id_ref} (margin {d.margin_ref:.3g}); near-tie below "
+                         f"{NEAR_TIE_FACTOR * self.logit_error:.3g}: {verdict}")
         lines += [f"note: {n}" for n in self.notes]
         summary = f"max_rel_err {self.max_rel_err:.3e} (tolerance {self.tolerance:.0e}); "
         if self.greedy_ours is not None:

@@ -99,9 +99,10 @@ def _our_forward(loaded: Loaded, images: np.ndarray, tokens: np.ndarray) -> dict
     return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in ours.items()}
 
 
-def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, *, batch: int = 3, seed: int = 0
-            ) -> dict[str, Any]:
+def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, tolerance: float, *, batch: int = 3,
+            seed: int = 0) -> dict[str, Any]:
     """Every stage of both towers, the logits and the loss (see the module docstring): the `ParityReport` fields."""
+    del tolerance  # every stage is reported; encoder blocks have no drill-down
     if batch < 2:
         raise ValueError(f"batch must be >= 2 (the loss needs negatives), got {batch}")
     cfg = loaded.config
