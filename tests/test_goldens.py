@@ -55,6 +55,16 @@ def test_against_gives_the_live_report_without_torch(recorded, tmp_path):
     assert "torch is not installed here" in check.stderr  # the hook does block torch
 
 
+def test_a_bfloat16_golden_carries_its_truth(tiny_checkpoints, tmp_path):
+    """A bfloat16 golden holds transformers' float32 truth too, so the replay gives the same truth verdict."""
+    golden = tmp_path / "bf16.safetensors"
+    live = run_parity(str(tiny_checkpoints["gemma2"]), "bfloat16", record=golden, greedy_tokens=4)
+    replayed = run_parity(str(tiny_checkpoints["gemma2"]), "bfloat16", against=golden, greedy_tokens=4)
+    assert live.truth and replayed.truth == live.truth and replayed.truth_dtype == "float32"
+    assert replayed.ok == live.ok and _errors(replayed) == _errors(live)
+    assert replayed.greedy_margins_ref == live.greedy_margins_ref
+
+
 def test_goldens_of_something_else_are_refused(recorded, tiny_checkpoints, tmp_path, capsys):
     model, golden, _ = recorded
     with pytest.raises(GoldenError, match=r"recorded for something else: dtype 'float32' recorded, 'bfloat16' now"):

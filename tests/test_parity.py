@@ -8,8 +8,9 @@ import pytest
 
 import big_vision_lite.parity as parity
 from big_vision_lite.cli import main
+from big_vision_lite.parity import report as report_module
 from big_vision_lite.parity.decoder import greedy_batch
-from big_vision_lite.parity.report import LayerError, ParityReport, compare_stage
+from big_vision_lite.parity.report import LayerError, ParityReport, TruthError, compare_stage
 
 from conftest import TINY_FAMILIES
 
@@ -122,6 +123,38 @@ def test_cli_bfloat16_parity(tiny_checkpoints, tmp_path):
                for o, r in zip(report["greedy_ours"], report["greedy_ref"], strict=True)]
     assert report["greedy_agree"] == leading and len(leading) == 4
     assert report["greedy_match"] == (leading == [32] * 4)
+
+
+def test_bfloat16_is_judged_against_the_float32_truth(tiny_checkpoints, monkeypatch):
+    """Both bfloat16 sides measured against transformers in float32: ours is about as far from it as transformers'
+    (the run passes); a query scale 10% off keeps the side-by-side error near bfloat16's tolerance but puts ours
+    >3x further from the truth than transformers' in every layer: the run fails on the truth."""
+    clean = parity.run_parity(str(tiny_checkpoints["gemma2"]), "bfloat16", greedy_tokens=4)
+    assert clean.truth_dtype == "float32" and [t.name for t in clean.truth] == [e.name for e in clean.layers]
+    assert clean.ok and all(t.passes and t.ref_rel_err > 1e-3 for t in clean.truth[1:]), clean.table()
+    assert clean.truth[0].ours_rel_err == clean.truth[0].ref_rel_err  # the same rounded embeddings on both sides
+    assert "ours~truth" in clean.table() and clean.to_json()["truth_factor"] == report_module.TRUTH_FACTOR
+
+    real_load = parity.load
+    monkeypatch.setattr(parity, "load", lambda *a, **k: _config_defect(query_pre_attn_scalar=20)(real_load(*a, **k)))
+    broken = parity.run_parity(str(tiny_checkpoints["gemma2"]), "bfloat16", greedy_tokens=4)
+    assert not broken.ok and broken.max_rel_err < 0.05, broken.table()
+    assert all(not t.passes and t.ours_rel_err > 3 * t.ref_rel_err for t in broken.truth[1:]), broken.table()
+    assert [t["passes"] for t in broken.to_json()["truth"]] == [True] + [False] * (len(broken.truth) - 1)
+
+
+def test_truth_verdict_rules():
+    """With a truth, the tolerance no longer decides: each stage passes within TRUTH_FACTOR of transformers' error
+    against the truth, errors under TRUTH_FLOOR counting as none; a NaN fails."""
+    factor, floor = report_module.TRUTH_FACTOR, report_module.TRUTH_FLOOR
+    assert TruthError("x", factor * 1e-2, 1e-2).passes and not TruthError("x", factor * 1.01e-2, 1e-2).passes
+    assert TruthError("x", factor * floor, 0.0).passes and not TruthError("x", float("nan"), 1e-2).passes
+    layers = [LayerError("logits", 1.0, 5e-2)]  # beyond the 3e-2 tolerance ...
+    report = ParityReport("m", "gemma", "bfloat16", 3e-2, layers, None, None, {},
+                          truth=[TruthError("logits", 6e-2, 5e-2)], truth_dtype="float32")
+    assert report.ok  # ... but no further from the truth than transformers
+    report.truth = [TruthError("logits", 6e-2, 1e-2)]
+    assert not report.ok and "!" in report.table().splitlines()[2]
 
 
 def test_cli_input_errors_exit_2_without_traceback(tiny_checkpoints, tmp_path, capsys):

@@ -19,7 +19,7 @@ import jax
 from big_vision_lite.checkpoints import detect_kind, load, run
 from big_vision_lite.checkpoints.packaged import is_packaged_name, resolve_model_path
 from big_vision_lite.parity import decoder, golden, paligemma, siglip, torch_side
-from big_vision_lite.parity.report import ParityReport, default_tolerance
+from big_vision_lite.parity.report import TRUTH_DTYPE, ParityReport, default_tolerance
 from big_vision_lite.utils.dtypes import dtype_name
 from big_vision_lite.utils.timing import Stopwatch
 
@@ -36,6 +36,9 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     (e.g. `greedy_tokens`); the first decoder layer out of tolerance is drilled down to its sub-stages. Decoders
     and PaliGemma run with scanned layers (the generation inside unrolls them), SigLIP with unrolled blocks: the
     layouts the published figures were measured with.
+
+    A bfloat16 run also runs transformers in float32 (`report.TRUTH_DTYPE`) as the truth, and judges every
+    stage by how far each side is from it (`report.TruthError`).
 
     `record` also writes what transformers computed to a golden file; `against` replays one instead of running
     transformers (no torch needed), refusing a golden of other weights, dtype, options or batch (`golden.py`).
@@ -62,10 +65,13 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     with watch("load_ours"):
         loaded = load(model, dtype, scan_layers=kind != "siglip", return_hidden=True)
     tolerance = tolerance if tolerance is not None else default_tolerance(loaded.params, dtype)
+    truth_dtype = TRUTH_DTYPE if dtype == "bfloat16" else None
     if against is None:
         with watch("load_reference"):
             model_ref = torch_side.load_reference(loaded.kind, model, dtype)
-        reference = golden.RecordingReference(model_ref) if record else golden.LiveReference(model_ref)
+            truth_model = None if truth_dtype is None else torch_side.load_reference(loaded.kind, model, truth_dtype)
+        side = golden.RecordingReference if record else golden.LiveReference
+        reference = side(model_ref, truth_model)
     # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which
     # would be our error, not the model's. No effect on the CPU.
     with jax.default_matmul_precision("highest"):
@@ -75,4 +81,7 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     if isinstance(reference, golden.GoldenReference):
         fields["notes"] = [*fields.get("notes", []), reference.describe()]
     name = str(model) if is_packaged_name(model) else path.name
-    return ParityReport(model=name, dtype=dtype, seconds=watch.seconds, tolerance=tolerance, **fields)
+    if not fields.get("truth"):
+        truth_dtype = None  # a golden recorded without one
+    return ParityReport(model=name, dtype=dtype, seconds=watch.seconds, tolerance=tolerance, truth_dtype=truth_dtype,
+                        **fields)

@@ -27,7 +27,7 @@ from big_vision_lite.decoding.engine import generate, jitted_prefill, left_pad
 from big_vision_lite.models.masks import positions_from_mask, prefill_mask, prefix_lm_mask
 from big_vision_lite.parity import torch_side
 from big_vision_lite.parity.golden import ReferenceSide
-from big_vision_lite.parity.report import DrillDown, LayerError, compare_stage, greedy_fields, within
+from big_vision_lite.parity.report import DrillDown, LayerError, compare_stage, compare_stages, greedy_fields, within
 from big_vision_lite.utils.timing import Stopwatch
 
 # Real models continue text of different token lengths (random ids would make near-tied logits likely).
@@ -186,17 +186,19 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
     # Longer than any sliding window, so windowed layers really drop keys.
     seq_len = seq_len or max(32, (cfg.sliding_window or 0) + 16)
     tokens, mask = parity_batch(cfg.vocab_size, seq_len)
+    inputs = {"tokens": tokens, "mask": mask}
     with watch("forward_reference"):
-        ref = reference.run("forward", {"tokens": tokens, "mask": mask},
-                            lambda: _reference_forward(reference.model, tokens, mask))
+        ref = reference.run("forward", inputs, lambda: _reference_forward(reference.model, tokens, mask))
+    with watch("forward_truth"):
+        truth = reference.run_truth("forward", inputs, lambda model: _reference_forward(model, tokens, mask))
     with watch("forward_ours"):
         ours = _our_forward(loaded, tokens, mask)
     names = ["embeddings", *[f"layer_{i}" for i in range(cfg.depth)], "final_norm", "logits"]
-    layers: list[LayerError] = [compare_stage(n, ours[n], ref[n], mask) for n in names]
-    del ref, ours
-    fields = {"model_type": cfg.family, "layers": layers}
+    layers, truth_errors = compare_stages(names, ours, ref, truth, mask)
+    del ref, ours, truth
+    fields = {"model_type": cfg.family, "layers": layers, "truth": truth_errors}
     fields |= drill_into_first_failure(
-        layers, tolerance, reference, watch, {"tokens": tokens, "mask": mask},
+        layers, tolerance, reference, watch, inputs,
         lambda i: our_substages(loaded, i, tokens, mask),
         lambda i: reference_substages(reference.model.model.layers[i],
                                       lambda: _reference_forward(reference.model, tokens, mask)))

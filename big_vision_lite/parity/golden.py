@@ -4,8 +4,10 @@ replayed with no PyTorch at all.
 A kind's `compare` asks its reference side for each result by name with the inputs it was computed from:
 `side.run("forward", {"tokens": ..., "mask": ...}, compute)`. `LiveReference` calls `compute` (transformers);
 `RecordingReference` also keeps inputs and outputs; `GoldenReference` never calls it: it checks that the inputs
-equal the recorded ones and returns the recorded outputs. So `bvl parity --against FILE` runs on a machine without
-torch (a TPU VM) with the same stages, tolerances and report as a live run.
+equal the recorded ones and returns the recorded outputs. A bfloat16 run also asks for the truth
+(`run_truth`: the same computation by transformers in float32), recorded as `<name>_truth`. So
+`bvl parity --against FILE` runs on a machine without torch (a TPU VM) with the same stages, tolerances and
+report as a live run.
 
 A golden file is one safetensors file: tensors `<name>/inputs/<key>` and `<name>/outputs/<key>`, and in its metadata
 (`bvl_golden`, JSON) the identity of what was recorded: the model kind, the dtype, the comparison's options, the
@@ -45,21 +47,33 @@ class ReferenceSide(Protocol):
     def run(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[], Outputs]) -> Outputs:
         """The reference's outputs for `inputs` (computed, or recorded under `name`)."""
 
+    def run_truth(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[Any], Outputs]
+                  ) -> Outputs | None:
+        """The same computation in float32, `compute(truth_model)` (or recorded under `name`_truth);
+        None when this side has no truth (float32 runs)."""
+
 
 class LiveReference:
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, truth_model: Any = None):
         self.model = model
+        self.truth_model = truth_model
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[], Outputs]) -> Outputs:
         del name, inputs
         return compute()
 
+    def run_truth(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[Any], Outputs]
+                  ) -> Outputs | None:
+        if self.truth_model is None:
+            return None
+        return self.run(f"{name}_truth", inputs, lambda: compute(self.truth_model))
+
 
 class RecordingReference(LiveReference):
     """Live, keeping every call's inputs and outputs for `write`."""
 
-    def __init__(self, model: Any):
-        super().__init__(model)
+    def __init__(self, model: Any, truth_model: Any = None):
+        super().__init__(model, truth_model)
         self.calls: dict[str, tuple[Outputs, Outputs]] = {}
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[], Outputs]) -> Outputs:
@@ -127,6 +141,12 @@ class GoldenReference:
                                   f"(recorded {then.dtype}{list(then.shape)}, now {value.dtype}{list(value.shape)})")
         prefix = f"{name}/outputs/"
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def run_truth(self, name: str, inputs: Mapping[str, np.ndarray], compute: Callable[[Any], Outputs]
+                  ) -> Outputs | None:
+        del compute
+        recorded = any(k.startswith(f"{name}_truth/") for k in self.tensors)
+        return self.run(f"{name}_truth", inputs, lambda: {}) if recorded else None
 
 
 def _difference(key: str, recorded: Any, now: Any) -> str:

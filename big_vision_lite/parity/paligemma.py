@@ -30,7 +30,7 @@ from big_vision_lite.models.paligemma import PaliGemmaConfig
 from big_vision_lite.parity import torch_side
 from big_vision_lite.parity.decoder import drill_into_first_failure, our_greedy, our_substages, reference_substages
 from big_vision_lite.parity.golden import ReferenceSide
-from big_vision_lite.parity.report import compare_stage, greedy_fields
+from big_vision_lite.parity.report import compare_stages, greedy_fields
 from big_vision_lite.utils.timing import Stopwatch
 
 BOS_ID = 2  # Gemma's
@@ -105,20 +105,22 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
     `ParityReport` fields."""
     cfg = loaded.config
     batch = paligemma_parity_batch(cfg, prefix_len=prefix_len, suffix_len=suffix_len, seed=seed)
+    inputs = {k: batch[k] for k in ("images", "tokens", "mask", "mask_ar")}
     with watch("forward_reference"):
-        inputs = {k: batch[k] for k in ("images", "tokens", "mask", "mask_ar")}
         ref = reference.run("forward", inputs, lambda: _reference_forward(reference.model, batch))
+    with watch("forward_truth"):
+        truth = reference.run_truth("forward", inputs, lambda model: _reference_forward(model, batch))
     with watch("forward_ours"):
         ours = _our_forward(loaded, batch)
     images_valid = np.ones(len(batch["images"]), bool)
     names = ["img/embeddings", *[f"img/layer_{i}" for i in range(cfg.vision.depth)], "img/encoded", "image_tokens"]
-    layers = [compare_stage(n, ours[n], ref[n], images_valid) for n in names]
+    layers, truth_errors = compare_stages(names, ours, ref, truth, images_valid)
     names = ["embeddings", *[f"layer_{i}" for i in range(cfg.llm.depth)], "final_norm", "logits"]
-    layers += [compare_stage(n, ours[n], ref[n], batch["mask"]) for n in names]
-    del ref, ours
-    fields = {"model_type": "paligemma", "layers": layers}
+    text_layers, text_truth = compare_stages(names, ours, ref, truth, batch["mask"])
+    del ref, ours, truth
+    fields = {"model_type": "paligemma", "layers": layers + text_layers, "truth": truth_errors + text_truth}
     fields |= drill_into_first_failure(
-        layers, tolerance, reference, watch, inputs,
+        fields["layers"], tolerance, reference, watch, inputs,
         lambda i: our_substages(loaded, i, batch["tokens"], batch["mask"], batch["mask_ar"], images=batch["images"]),
         lambda i: reference_substages(reference.model.model.language_model.layers[i],
                                       lambda: _reference_forward(reference.model, batch)))

@@ -26,7 +26,7 @@ from big_vision_lite.checkpoints import Loaded
 from big_vision_lite.models.vit import ViT
 from big_vision_lite.parity import torch_side
 from big_vision_lite.parity.golden import ReferenceSide
-from big_vision_lite.parity.report import compare_stage
+from big_vision_lite.parity.report import compare_stages
 from big_vision_lite.utils.timing import Stopwatch
 
 NO_HEAD_NOTE = ("vision_use_head is false: transformers' SiglipModel.forward cannot run without the MAP head, so the "
@@ -108,9 +108,12 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
     cfg = loaded.config
     use_head = cfg.image.pool_type == "map"
     images, tokens = siglip_parity_batch(cfg.image.image_size, cfg.text.vocab_size, cfg.text.max_len, batch, seed)
+    inputs = {"images": images, "tokens": tokens}
     with watch("forward_reference"):
-        ref = reference.run("forward", {"images": images, "tokens": tokens},
-                            lambda: _reference_forward(reference.model, images, tokens, use_head))
+        ref = reference.run("forward", inputs, lambda: _reference_forward(reference.model, images, tokens, use_head))
+    with watch("forward_truth"):
+        truth = reference.run_truth("forward", inputs, lambda model: _reference_forward(model, images, tokens,
+                                                                                        use_head))
     with watch("forward_ours"):
         ours = _our_forward(loaded, images, tokens)
     if set(ours) != set(ref):
@@ -121,6 +124,7 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
         stages = ["embeddings", *[f"layer_{i}" for i in range(depth)], "encoded", "pooled", "normalized"]
         names += [f"{prefix}/{s}" for s in stages if f"{prefix}/{s}" in ref]
     names += [n for n in ("logits_per_image", "loss") if n in ref]
-    layers = [compare_stage(n, ours[n], ref[n], np.ones(ref[n].shape[0], bool)) for n in names]
-    return {"model_type": "siglip", "layers": layers, "greedy_ours": None, "greedy_ref": None,
+    per_row = [compare_stages([n], ours, ref, truth, np.ones(ref[n].shape[0], bool)) for n in names]
+    return {"model_type": "siglip", "layers": [e for errors, _ in per_row for e in errors],
+            "truth": [t for _, truth_errors in per_row for t in truth_errors], "greedy_ours": None, "greedy_ref": None,
             "notes": [] if use_head else [NO_HEAD_NOTE]}
