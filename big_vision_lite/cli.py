@@ -167,12 +167,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from big_vision_lite.convert import convert
+    from big_vision_lite.convert import convert, npz_config
 
     if args.json:
         check_output_file(args.json, "--json")
-    report = convert(args.source, args.destination, to=args.to, overwrite=args.overwrite, verify=not args.no_verify)
+    config = None if args.config is None else npz_config(args.config)
+    report = convert(args.source, args.destination, to=args.to, lora=args.lora, overwrite=args.overwrite,
+                     verify=not args.no_verify, config=config)
     merged = " (LoRA adapters merged)" if report["lora_merged"] else ""
+    if report["lora_adapter"]:
+        merged = f" (the base model; LoRA adapters as PEFT files in {report['lora_adapter']})"
     print(f"wrote {report['destination']}: {report['kind']} as {report['format']}, {report['tensors']} tensors "
           f"in {report['dtype']}{merged}, {report['seconds']:.1f} s; verified: {report['verified'] or 'skipped'}")
     _write_json(args.json, report)
@@ -326,9 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="write a model as an HF folder (transformers loads it) or a big_vision .npz, "
                                        "then check it reads back equal")
-    p.add_argument("source", help="an HF folder, a packaged model name or a training workdir of ours")
+    p.add_argument("source", help="an HF folder, a packaged model name, a training workdir of ours or a big_vision "
+                                  ".npz (with --config)")
     p.add_argument("destination", help="the HF folder (or .npz file) to write; refused if it exists")
     p.add_argument("--to", choices=["hf", "npz"], default="hf", help="npz: big_vision's PaliGemma layout")
+    p.add_argument("--lora", choices=["merge", "adapter"], default="merge",
+                   help="a run trained with LoRA: merge the adapters into the weights (default), or write the base "
+                        "model and the adapters as PEFT files in DESTINATION/adapter/")
+    p.add_argument("--config", help="an .npz source's model: an HF PaliGemma folder (or its config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination (once the new one is "
                                                              "complete)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the destination back and comparing")

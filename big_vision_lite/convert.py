@@ -1,21 +1,27 @@
 """`bvl convert SRC DST`: any model `checkpoints.load` reads, written as an HF folder or a big_vision `.npz`, and
 checked after writing.
 
-SRC is an HF folder, a packaged model name or a training workdir of ours; DST is written atomically (it appears
-complete or not at all) and is refused when it exists unless `overwrite`.
+SRC is an HF folder, a packaged model name, a training workdir of ours or a big_vision `.npz` (with `config`, the
+PaliGemmaConfig an .npz does not hold); DST is written atomically (it appears complete or not at all) and is
+refused when it exists unless `overwrite`.
 
 - `to="hf"`: config.json + model.safetensors in the tensor dtype of the source, plus the source's tokenizer
   files, a folder transformers' `from_pretrained` reads as it is. An HF source keeps its own config.json,
   generation_config.json and PaliGemma tensor layout, so HF -> HF is byte-exact.
 - `to="npz"`: big_vision's PaliGemma params layout (what big_vision and openpi load); PaliGemma models only.
-- A model trained with LoRA adapters (a PaliGemma run with `model.llm.lora`) is exported merged: W + scale * A @ B
-  in float32, cast back (`models.lora.merge_lora`); neither format holds adapters.
+- A model trained with LoRA adapters (a PaliGemma run with `model.llm.lora`) is exported merged by default
+  (`lora="merge"`): W + scale * A @ B in float32, cast back (`models.lora.merge_lora`). With `lora="adapter"` (HF
+  only) the base model is written without them and the adapters beside it as PEFT files in `DST/adapter/`
+  (`checkpoints.peft`: transformers' `load_adapter` or PEFT's `PeftModel.from_pretrained` read them). An adapter
+  the target cannot hold is an error naming it, never dropped.
 - Verification (default): DST is loaded back through `checkpoints.load` and every tensor compared with what was
   written (bit for bit), and the config with the source's; a merged model is also run against the source with
-  its adapters on a fixed token batch (the decoder's logits, float32, relative error <= `MERGED_TOLERANCE`).
+  its adapters on a fixed token batch (the decoder's logits, float32, relative error <= `MERGED_TOLERANCE`);
+  exported adapters are read back from the PEFT files into our layout and compared bit for bit.
 """
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +38,19 @@ from big_vision_lite.checkpoints.files import (
     stored_tensor_dtypes,
 )
 from big_vision_lite.checkpoints.hf_decoder import save_decoder_hf
-from big_vision_lite.checkpoints.hf_paligemma import detect_layout, save_paligemma_hf
+from big_vision_lite.checkpoints.hf_paligemma import detect_layout, paligemma_config_from_hf, save_paligemma_hf
 from big_vision_lite.checkpoints.hf_siglip import save_siglip_hf
 from big_vision_lite.checkpoints.npz import load_npz_params, save_npz_params
 from big_vision_lite.checkpoints.packaged import is_packaged_name, resolve_model_path
+from big_vision_lite.checkpoints.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_names,
+    expected_adapters,
+    peft_state,
+    read_peft_adapters,
+    write_peft_files,
+)
 from big_vision_lite.checkpoints.tokenizer import TOKENIZER_FILES
 from big_vision_lite.decoding.engine import prefill
 from big_vision_lite.models.gemma import Decoder, DecoderConfig
@@ -45,13 +60,20 @@ from big_vision_lite.utils.inputs import check_output_dir, check_output_file
 from big_vision_lite.utils.trees import path_name
 
 FORMATS = ("hf", "npz")
+LORA_EXPORTS = ("merge", "adapter")
+ADAPTER_FOLDER = "adapter"  # DST/adapter/: the PEFT files of an adapter export, beside the base model
 ORIGINAL_FILES = ("config.json", "generation_config.json")  # an HF source's files that an HF export keeps
 MERGED_TOLERANCE = 1e-4  # float32 logits: the merge reorders one sum per weight, nothing more
 
 
-def _check_destination(source: str, destination: Path, to: str, overwrite: bool) -> None:
+def _check_destination(source: str, destination: Path, to: str, lora: str, overwrite: bool) -> None:
     if to not in FORMATS:
         raise ValueError(f"--to {to!r}: the formats are {', '.join(FORMATS)}")
+    if lora not in LORA_EXPORTS:
+        raise ValueError(f"--lora {lora!r}: the choices are {', '.join(LORA_EXPORTS)}")
+    if lora == "adapter" and to != "hf":
+        raise ValueError("--lora adapter writes PEFT adapter files beside an HF folder; big_vision's .npz has no "
+                         "place for adapters (use --lora merge)")
     if destination.exists() and not overwrite:
         raise ValueError(f"destination {destination} exists: pass --overwrite to replace it (it is replaced only "
                          "once the new one is complete)")
@@ -66,9 +88,9 @@ def _check_destination(source: str, destination: Path, to: str, overwrite: bool)
 
 
 def _source_folder(source: str) -> Path | None:
-    """The HF folder a source reads from (a packaged model's converted folder), None for a run of ours."""
+    """The HF folder a source reads from (a packaged model's converted folder), None for a run of ours or an .npz."""
     path = Path(source).expanduser()
-    if path.is_dir() and run.is_run(path):
+    if (path.is_dir() and run.is_run(path)) or (path.suffix == ".npz" and path.is_file()):
         return None
     return Path(resolve_model_path(source))
 
@@ -132,46 +154,63 @@ def _decoder_logits(config: DecoderConfig, params: Any) -> np.ndarray:
     return np.asarray(logits)[mask]
 
 
-def convert(source: str, destination: str | Path, *, to: str = "hf", overwrite: bool = False,
-            verify: bool = True) -> dict[str, Any]:
+def convert(source: str, destination: str | Path, *, to: str = "hf", lora: str = "merge", overwrite: bool = False,
+            verify: bool = True, config: PaliGemmaConfig | None = None) -> dict[str, Any]:
     """Writes `source` to `destination` as `to` (see the module docstring) and returns what was done."""
     destination = Path(destination).expanduser()
-    _check_destination(source, destination, to, overwrite)
+    _check_destination(source, destination, to, lora, overwrite)
     kind = detect_kind(source)
     if to == "npz" and kind != "paligemma":
         raise ValueError(f"{source} is a {kind} model; the .npz export writes big_vision's PaliGemma layout only "
                          "(use --to hf)")
     started = time.perf_counter()
     folder = _source_folder(source)
-    param_dtype = _stored_dtype(folder) if folder is not None else None  # a run keeps its own
-    loaded = load(source, param_dtype=param_dtype)
+    param_dtype = _stored_dtype(folder) if folder is not None else None  # a run or an .npz keeps its own
+    loaded = load(source, param_dtype=param_dtype, config=config)
     params = jax.tree.map(np.asarray, loaded.params)
     config = loaded.config
     scale = _lora_scale(loaded)
+    if scale is None and lora == "adapter":
+        raise ValueError(f"--lora adapter: {source} has no LoRA adapters to export")
+    adapters: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+    if scale is not None and lora == "merge":
+        params = merge_lora(params, scale)
+    elif scale is not None:
+        if kind != "paligemma":
+            raise ValueError(f"--lora adapter: adapters are exported for PaliGemma's decoder; {source} is a {kind}")
+        adapters = peft_state(params["llm"], config.llm, "model.language_model.")
+        params = _without_adapters(params)
     if scale is not None:
-        params, config = merge_lora(params, scale), _without_lora(config)
-    leftover = [name for name in _flat(params) if "lora" in name]
-    assert not leftover, f"adapters left after the merge: {leftover[:3]}"  # nothing may be dropped silently
+        config = _without_lora(config)
+    leftover = adapter_names(params)
+    assert not leftover, f"adapters left in the base model: {leftover[:3]}"  # nothing may be dropped silently
 
-    if to == "hf":
-        keep_original = folder is not None and scale is None  # an HF source's own config.json and layout
-        hf_config = read_hf_config(folder) if keep_original else None
-        extra = _tokenizer_files(loaded)
-        if keep_original:  # copied as they are (over the config.json written from hf_config): byte-exact
-            extra += [folder / name for name in ORIGINAL_FILES if (folder / name).is_file()]
-        if kind == "decoder":
-            save_decoder_hf(destination, config, params, hf_config, extra)
-        elif kind == "siglip":
-            save_siglip_hf(destination, config, params, hf_config, extra)
+    with tempfile.TemporaryDirectory(dir=destination.parent if destination.parent.is_dir() else None) as staging:
+        if to == "hf":
+            keep_original = folder is not None and scale is None  # an HF source's own config.json and layout
+            hf_config = read_hf_config(folder) if keep_original else None
+            extra: list[Any] = _tokenizer_files(loaded)
+            if keep_original:  # copied as they are (over the config.json written from hf_config): byte-exact
+                extra += [folder / name for name in ORIGINAL_FILES if (folder / name).is_file()]
+            if adapters is not None:
+                write_peft_files(Path(staging), *adapters)
+                extra += [(f"{ADAPTER_FOLDER}/{name}", Path(staging) / name)
+                          for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+            if kind == "decoder":
+                save_decoder_hf(destination, config, params, hf_config, extra)
+            elif kind == "siglip":
+                save_siglip_hf(destination, config, params, hf_config, extra)
+            else:
+                # The source's own tensor names (transformers' save has a flat vision tower, neither of LAYOUTS).
+                layout = detect_layout(stored_tensor_dtypes(folder), str(folder)) if keep_original else "legacy"
+                save_paligemma_hf(destination, config, params, layout, hf_config, extra)
         else:
-            # The source's own tensor names (transformers' save has a flat vision tower, neither of LAYOUTS).
-            layout = detect_layout(stored_tensor_dtypes(folder), str(folder)) if keep_original else "legacy"
-            save_paligemma_hf(destination, config, params, layout, hf_config, extra)
-    else:
-        save_npz_params(destination, params)
+            save_npz_params(destination, params)
 
     report: dict[str, Any] = {"source": source, "destination": str(destination), "kind": kind, "format": to,
-                              "dtype": jax.tree.leaves(params)[0].dtype.name, "lora_merged": scale is not None,
+                              "dtype": jax.tree.leaves(params)[0].dtype.name,
+                              "lora_merged": scale is not None and adapters is None,
+                              "lora_adapter": None if adapters is None else str(destination / ADAPTER_FOLDER),
                               "tensors": len(_flat(params)), "verified": None}
     if verify:
         if to == "hf":
@@ -183,7 +222,13 @@ def convert(source: str, destination: str | Path, *, to: str = "hf", overwrite: 
             back_params = load_npz_params(destination, config)
         _compare_tensors(params, back_params, destination)
         report["verified"] = "every tensor reads back bit for bit"
-        if scale is not None:
+        if adapters is not None:
+            rank = loaded.config.llm.lora.rank
+            written = read_peft_adapters(destination / ADAPTER_FOLDER, config.llm, "model.language_model.", rank)
+            _compare_tensors(expected_adapters(loaded.params["llm"], loaded.config.llm), written,
+                             destination / ADAPTER_FOLDER)
+            report["verified"] += "; every adapter reads back from the PEFT files bit for bit"
+        elif scale is not None:
             error = _merged_error(loaded, params)
             if not error <= MERGED_TOLERANCE:
                 raise CheckpointError(f"verify {destination}: the merged decoder's logits differ from the adapted "
@@ -191,6 +236,23 @@ def convert(source: str, destination: str | Path, *, to: str = "hf", overwrite: 
             report["verified"] += f"; merged logits within {error:.1e} of the adapted model's"
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def npz_config(path: str | Path) -> PaliGemmaConfig:
+    """The PaliGemmaConfig of a big_vision .npz source, read from an HF PaliGemma folder (or its config.json) that
+    describes the same model (an .npz holds no config)."""
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if not path.is_dir() and path.name != "config.json":
+        raise ValueError(f"--config {path}: give an HF PaliGemma folder or its config.json")
+    return paligemma_config_from_hf(read_hf_config(folder), str(folder / "config.json"))
+
+
+def _without_adapters(params: Any) -> Any:
+    """`params` without its `lora_a`/`lora_b` entries (the base model an adapter export writes)."""
+    if not isinstance(params, dict):
+        return params
+    return {k: _without_adapters(v) for k, v in params.items() if not k.endswith(("lora_a", "lora_b"))}
 
 
 def _merged_error(loaded: Loaded, merged_params: Any) -> float:

@@ -233,7 +233,20 @@ def test_convert_refuses_bad_destinations_and_sources(refused, files, tmp_path, 
     refused(["convert", model, tmp_path / "out", "--json", files["dir"]], "--json")
     refused(["convert", files["missing"], tmp_path / "out"], str(files["missing"]))
     refused(["convert", files["latin1"], tmp_path / "out"], str(files["latin1"]))
+    refused(["convert", model, tmp_path / "out", "--lora", "adapter"], "no LoRA adapters")
+    refused(["convert", model, tmp_path / "out.npz", "--to", "npz", "--lora", "adapter"], "no place for adapters")
+    refused(["convert", model, tmp_path / "out", "--config", files["file"]], "--config")
     assert (existing / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_parity_refuses_goldens_it_cannot_use(refused, tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints["gemma3"]
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((model / "model.safetensors").read_bytes()[:100])
+    refused(["parity", model, "--against", truncated], str(truncated), "not a readable golden")
+    refused(["parity", model, "--against", model / "model.safetensors"], "not a golden written by")
+    refused(["parity", model, "--against", tmp_path / "none.safetensors"], "no such golden file")
+    refused(["parity", model, "--record", tmp_path], "--record")
 
 
 # -------------------------------------------------------------------------------------------- train, bench

@@ -4,6 +4,7 @@ loss, freezing and LoRA, and reading attributes back from generated captions."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ import pytest
 from big_vision_lite.checkpoints import load
 from big_vision_lite.checkpoints.run import load_params, read_run_info
 from big_vision_lite.convert import convert
-from big_vision_lite.parity import run_parity
+from big_vision_lite.parity import run_parity, torch_side
+from big_vision_lite.parity.paligemma import paligemma_parity_batch
 from big_vision_lite.train.config import apply_overrides, load_config
 from big_vision_lite.train.loop import train
 from big_vision_lite.train.metrics import read_metrics
@@ -115,6 +117,51 @@ def test_lora_with_frozen_base_trains_only_the_adapters(siglip_dir, tmp_path):
     assert "lora" not in (tmp_path / "hf" / "config.json").read_text()
     parity = run_parity(str(tmp_path / "hf"))
     assert parity.ok and parity.greedy_match, parity.table()  # float32: ok demands the same greedy ids too
+    _check_peft_export(tmp_path / "lora", tmp_path / "hf", tmp_path / "hf_adapter")
+
+
+def _check_peft_export(run: Path, merged: Path, destination: Path) -> None:
+    """`--lora adapter`: the base model plus PEFT adapter files, which transformers + PEFT run to the merged
+    export's logits and greedy ids (the merged export equals our adapted model, above); without the adapter the
+    base model computes something else."""
+    import torch
+    from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration
+
+    report = convert(str(run), destination, lora="adapter")
+    assert not report["lora_merged"] and report["lora_adapter"] == str(destination / "adapter"), report
+    assert "every adapter reads back from the PEFT files bit for bit" in report["verified"]
+    assert "lora" not in (destination / "config.json").read_text()
+    assert sorted(p.name for p in (destination / "adapter").iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors"]
+    # An adapter export of a model without adapters, or into an .npz, is refused before anything is written.
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        convert(str(merged), destination.parent / "none", lora="adapter")
+    with pytest.raises(ValueError, match="no place for adapters"):
+        convert(str(run), destination.parent / "x.npz", to="npz", lora="adapter")
+    assert not (destination.parent / "none").exists() and not (destination.parent / "x.npz").exists()
+
+    def torch_model(folder: Path):
+        return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+    base = torch_model(destination)
+    batch = paligemma_parity_batch(load(merged).config)
+    long = torch_side.long_tensor
+    inputs = dict(input_ids=long(batch["tokens"]), attention_mask=long(batch["mask"]),
+                  token_type_ids=long(batch["mask_ar"]),
+                  pixel_values=torch_side.pixels_nchw(batch["images"], torch.float32))
+    with torch.no_grad():
+        base_logits = base(**inputs).logits.numpy()
+        adapted = PeftModel.from_pretrained(base, destination / "adapter").eval()
+        peft_logits, merged_logits = adapted(**inputs).logits.numpy(), torch_model(merged)(**inputs).logits.numpy()
+    relative = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())  # noqa: E731
+    assert relative(peft_logits, merged_logits) <= 1e-5
+    assert relative(base_logits, merged_logits) >= 100 * relative(peft_logits, merged_logits) > 0
+    prompts, mask = batch["prompt_tokens"], batch["prompt_mask"]
+    greedy = {name: torch_side.greedy(model, prompts, mask, 8, token_type_ids=torch_side.long_tensor(
+        np.zeros_like(prompts)), pixel_values=inputs["pixel_values"])["ids"] for name, model in
+        (("peft", adapted), ("merged", torch_model(merged)))}
+    np.testing.assert_array_equal(greedy["peft"], greedy["merged"])
 
 
 def test_attributes_are_read_back_from_captions():

