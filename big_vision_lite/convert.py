@@ -55,7 +55,7 @@ from big_vision_lite.checkpoints.tokenizer import TOKENIZER_FILES
 from big_vision_lite.decoding.engine import prefill
 from big_vision_lite.models.gemma import Decoder, DecoderConfig
 from big_vision_lite.models.lora import merge_lora
-from big_vision_lite.models.paligemma import PaliGemmaConfig
+from big_vision_lite.models.paligemma import PaliGemma, PaliGemmaConfig, init_params, relayout_paligemma
 from big_vision_lite.utils.inputs import check_output_dir, check_output_file
 from big_vision_lite.utils.trees import path_name
 
@@ -184,6 +184,13 @@ def convert(source: str, destination: str | Path, *, to: str = "hf", lora: str =
         config = _without_lora(config)
     leftover = adapter_names(params)
     assert not leftover, f"adapters left in the base model: {leftover[:3]}"  # nothing may be dropped silently
+    if to == "hf" and isinstance(config, PaliGemmaConfig) and config.experts:
+        single = PaliGemma(dataclasses.replace(config, experts=()))  # what HF's one decoder holds
+        held = set(_flat(jax.eval_shape(lambda: init_params(single, jax.random.PRNGKey(0)))))
+        homeless = sorted(set(_flat(relayout_paligemma(params, config, scan_layers=False))) - held)
+        raise ValueError(f"{source}: HF PaliGemma has one decoder; the {len(homeless)} tensors of its "
+                         f"{len(config.experts)} extra expert(s) have no place there ({', '.join(homeless[:4])}, "
+                         "...): export with --to npz (openpi's layout holds them)")
 
     with tempfile.TemporaryDirectory(dir=destination.parent if destination.parent.is_dir() else None) as staging:
         if to == "hf":

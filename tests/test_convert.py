@@ -10,10 +10,11 @@ from test_paligemma_checkpoints import build_tiny_paligemma
 from test_siglip import build_tiny_siglip
 
 from big_vision_lite.checkpoints import load
-from big_vision_lite.checkpoints.npz import load_npz_params
+from big_vision_lite.checkpoints.npz import load_npz_params, save_npz_params
 from big_vision_lite.cli import main
 from big_vision_lite.convert import convert, npz_config
 from big_vision_lite.models.lora import merge_lora
+from big_vision_lite.models.paligemma import PaliGemma, init_params
 
 
 def _same_files(source: Path, destination: Path) -> None:
@@ -76,6 +77,22 @@ def test_npz_source_round_trips_and_exports_to_hf(tmp_path):
     assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "c")]) == 2
     assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "c"), "--config", str(tmp_path / "a.npz")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_a_second_expert_has_no_place_in_an_hf_folder(tmp_path):
+    """openpi's two-expert PaliGemma: its expert's tensors are named in the refusal, nothing is written; the .npz
+    export keeps them all."""
+    from test_paligemma import TWO
+
+    params = jax.tree.map(np.asarray, init_params(PaliGemma(TWO), jax.random.PRNGKey(0)))
+    save_npz_params(tmp_path / "two.npz", params)
+    named = r"the 15 tensors of its 1 extra expert\(s\) have no place there \(llm/final_norm_1/scale, "
+    with pytest.raises(ValueError, match=named):
+        convert(str(tmp_path / "two.npz"), tmp_path / "hf", config=TWO)
+    assert not (tmp_path / "hf").exists()
+    report = convert(str(tmp_path / "two.npz"), tmp_path / "copy.npz", to="npz", config=TWO)
+    assert report["verified"] == "every tensor reads back bit for bit"
+    assert any("_1" in name for name in np.load(tmp_path / "copy.npz").files)
 
 
 def test_merge_lora_folds_the_adapter_into_the_weight():
