@@ -57,14 +57,14 @@ def test_paligemma_to_npz_reads_back_equal(tmp_path):
 
 
 def test_npz_source_round_trips_and_exports_to_hf(tmp_path):
-    """npz -> ours -> npz keeps every array bit for bit (name, dtype, bytes; the zip container itself carries
-    timestamps), and npz -> HF (with --config for the model an .npz does not describe) gives the original folder's
-    tensors."""
+    """npz -> ours -> npz is byte-exact (the file, and so every array's name, dtype and bytes), and npz -> HF
+    (with --config for the model an .npz does not describe) gives the original folder's tensors."""
     folder = build_tiny_paligemma(tmp_path / "paligemma", "gemma2")
     convert(str(folder), tmp_path / "a.npz", to="npz")
     config = npz_config(folder / "config.json")
     report = convert(str(tmp_path / "a.npz"), tmp_path / "b.npz", to="npz", config=config)
     assert report["verified"] == "every tensor reads back bit for bit"
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
