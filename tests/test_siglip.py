@@ -233,8 +233,9 @@ def test_variants():
         text_config("B/16", vocab_size=10)
     with pytest.raises(ValueError, match=r"unknown ViTConfig fields \['colour'\]"):
         vit_config("B/16", colour=3)
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
-        vit_config("B/16", image_size=100)
+    with pytest.raises(ValueError, match="must be an int of at least patch_size 16"):
+        vit_config("B/16", image_size=8)
+    assert vit_config("So400m/14", image_size=384).num_patches == 27 * 27  # the last 6 pixels fall outside the grid
 
 
 TINY_TRAIN = {  # the shape of the trainer's tiny model (image 32, patch 8), narrower to keep the test fast

@@ -83,8 +83,10 @@ class ViTConfig:
         check_encoder_shape("ViTConfig", self.width, self.depth, self.mlp_dim, self.num_heads)
         if not isinstance(self.patch_size, int) or self.patch_size < 1:
             raise ValueError(f"ViTConfig.patch_size must be a positive int, got {self.patch_size!r}")
-        if not isinstance(self.image_size, int) or self.image_size % self.patch_size:
-            raise ValueError(f"ViTConfig.image_size {self.image_size!r} is not a multiple of patch_size "
+        # A side that is not a multiple of the patch drops its last image_size % patch_size pixels (a VALID
+        # convolution, as big_vision and transformers do: SigLIP So400m/14 at 384 px sees a 27 x 27 grid).
+        if not isinstance(self.image_size, int) or self.image_size < self.patch_size:
+            raise ValueError(f"ViTConfig.image_size {self.image_size!r} must be an int of at least patch_size "
                              f"{self.patch_size}")
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"ViTConfig.pool_type {self.pool_type!r} is not one of {POOL_TYPES}")
