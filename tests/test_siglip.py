@@ -37,12 +37,13 @@ TINY_TEXT = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden
                  eos_token_id=None)
 
 
-def build_tiny_siglip(folder: Path, use_head: bool = True, seed: int = 0) -> Path:
+def build_tiny_siglip(folder: Path, use_head: bool = True, seed: int = 0, image_size: int = 16) -> Path:
     """Saves a tiny random transformers SiglipModel into `folder`."""
     import torch
     from transformers import SiglipConfig, SiglipModel
 
-    config = SiglipConfig(text_config=TINY_TEXT, vision_config={**TINY_VISION, "vision_use_head": use_head})
+    vision = {**TINY_VISION, "vision_use_head": use_head, "image_size": image_size}
+    config = SiglipConfig(text_config=TINY_TEXT, vision_config=vision)
     torch.manual_seed(seed)
     model = SiglipModel(config).to(torch.float32)
     with torch.no_grad():
@@ -116,6 +117,14 @@ def test_parity(tiny, kind):
         assert "logits_per_image" not in names and "img/pooled" not in names
         assert "vision_use_head" in report.notes[0]
     assert "max_rel_err" in report.table()
+
+
+def test_parity_when_the_side_is_not_a_multiple_of_the_patch(tmp_path):
+    """18 px with 4-px patches: both sides see a 4 x 4 grid and drop the last 2 pixels of each row and column (as
+    SigLIP So400m/14 does at 384 px)."""
+    folder = build_tiny_siglip(tmp_path / "odd", image_size=18)
+    report = run_parity(str(folder))
+    assert report.ok and load(folder).config.image.num_patches == 16, report.table()
 
 
 def test_bvl_parity_on_a_siglip_folder(tiny, tmp_path, capsys):
