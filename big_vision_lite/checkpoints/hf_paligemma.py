@@ -1,4 +1,5 @@
-"""Hugging Face PaliGemma folders (config.json + *.safetensors) <-> `PaliGemmaConfig` and our params {img, llm}.
+"""Hugging Face PaliGemma and Gemma 3 vision folders (config.json + *.safetensors) <-> `PaliGemmaConfig` and our
+params {img, llm} (+ `mm_projector` for Gemma 3).
 
 Axis letters: E vision width, D decoder width, V embedding rows, L layers.
 
@@ -18,6 +19,11 @@ Mapping: the vision tower as SigLIP's (hf_siglip.py) -> `img/...`; the projector
 [D] -> `img/head/{kernel [E, D], bias [D]}`; the decoder as hf_decoder.py's -> `llm/...`. The output head is
 tied to the embedding: a stored lm_head must equal it and is not kept. Conversions are pure transposes and
 reshapes, so HF -> ours -> HF returns the same bytes.
+
+Gemma 3 with vision (`model_type: "gemma3"`, transformers' Gemma3ForConditionalGeneration) has the same roots; its
+projector holds `multi_modal_projector.mm_input_projection_weight` [E, D] -> `mm_projector/mm_input_projection`
+(as it is: transformers multiplies by it, not by its transpose) and `multi_modal_projector.mm_soft_emb_norm.weight`
+-> `mm_projector/mm_soft_embedding_norm/scale`; its decoder is a `gemma3_text` one.
 
 The embedding keeps all V = text_config.vocab_size rows. Real checkpoints pad the tokenizer's 257152 ids to 257216
 rows (the image token, 257152, is one of the padding rows); transformers' logits cover every row, so ours do too.
@@ -53,8 +59,10 @@ from big_vision_lite.checkpoints.hf_siglip import (
     vision_params_to_hf,
 )
 from big_vision_lite.models.paligemma import PaliGemmaConfig
+from big_vision_lite.models.vit import ViTConfig
 
 TEXT_MODEL_TYPES = ("gemma", "gemma2")  # PaliGemma 1 and PaliGemma 2
+GEMMA3_TEXT = "gemma3_text"  # Gemma 3 with vision's decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +87,49 @@ _LM_HEADS = tuple(layout.lm_head for layout in LAYOUTS.values())
 # ---------------------------------------------------------------------------------------------- config
 
 
+def _vision_without_head(hf: Mapping[str, Any], source: str) -> ViTConfig:
+    vision = dict(hf.get("vision_config") or {})
+    if vision.get("vision_use_head", True):
+        raise CheckpointError(f"{source}: vision_config.vision_use_head is true (or omitted), but {hf['model_type']} "
+                              "never uses the MAP head; set it to false (as released checkpoints do) and drop its "
+                              "weights")
+    return vision_config_from_hf(vision, source)
+
+
+def _check_tied(hf: Mapping[str, Any], text: Mapping[str, Any], source: str) -> None:
+    for where, value in (("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
+                         ("text_config.tie_word_embeddings", text.get("tie_word_embeddings", True))):
+        if not value:
+            raise CheckpointError(f"{source}: {where} is false; the output head is the embedding (tied)")
+
+
+def gemma3_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> PaliGemmaConfig:
+    """Our config of a transformers Gemma3Config dict (`model_type: "gemma3"`): a gemma3_text decoder, the SigLIP
+    tower without head, Gemma 3's projector (omitted: 256 tokens per image, image token 262144)."""
+    text = {"model_type": GEMMA3_TEXT, **(hf.get("text_config") or {})}
+    if text["model_type"] != GEMMA3_TEXT:
+        raise CheckpointError(f"{source}: text_config.model_type {text['model_type']!r} is not {GEMMA3_TEXT!r}")
+    _check_tied(hf, text, source)
+    llm = dataclasses.replace(config_from_hf(text, f"{source} (text_config)"), bidirectional_beyond_window=False)
+    try:
+        return PaliGemmaConfig(vision=_vision_without_head(hf, source), llm=llm,
+                               image_token_id=hf.get("image_token_id", hf.get("image_token_index", 262144)),
+                               projector="gemma3", mm_tokens_per_image=hf.get("mm_tokens_per_image", 256))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 def paligemma_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> PaliGemmaConfig:
-    """Our `PaliGemmaConfig` from a transformers PaliGemmaConfig dict (`model_type: "paligemma"`).
+    """Our `PaliGemmaConfig` from a transformers PaliGemmaConfig dict (`model_type: "paligemma"`), or a Gemma3Config
+    one (`"gemma3"`, `gemma3_config_from_hf`).
 
     Omitted keys mean what transformers gives them: text `model_type` gemma, a tanh-GELU, head_dim 256,
     `projection_dim` 2048, SigLIP's vision defaults (with `vision_use_head` true, which PaliGemma cannot use).
     """
+    if hf.get("model_type") == "gemma3":
+        return gemma3_config_from_hf(hf, source)
     if hf.get("model_type") != "paligemma":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'paligemma'")
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'paligemma' or 'gemma3'")
     text = {"model_type": "gemma", **(hf.get("text_config") or {})}
     if text["model_type"] not in TEXT_MODEL_TYPES:
         raise CheckpointError(f"{source}: text_config.model_type {text['model_type']!r} is not supported; "
@@ -97,16 +140,9 @@ def paligemma_config_from_hf(hf: Mapping[str, Any], source: str = "config.json")
         text["hidden_act"] = "gelu_pytorch_tanh"
     if text.get("head_dim") is None:
         text["head_dim"] = 256
-    for where, value in (("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
-                         ("text_config.tie_word_embeddings", text.get("tie_word_embeddings", True))):
-        if not value:
-            raise CheckpointError(f"{source}: {where} is false; PaliGemma's output head is the embedding (tied)")
+    _check_tied(hf, text, source)
     llm = config_from_hf(text, f"{source} (text_config)")
-    vision = dict(hf.get("vision_config") or {})
-    if vision.get("vision_use_head", True):
-        raise CheckpointError(f"{source}: vision_config.vision_use_head is true (or omitted), but PaliGemma never "
-                              f"uses the MAP head; set it to false (as released checkpoints do) and drop its weights")
-    vit = vision_config_from_hf(vision, source)
+    vit = _vision_without_head(hf, source)
     projection = hf.get("projection_dim", 2048)
     if projection != llm.width:
         raise CheckpointError(f"{source}: projection_dim {projection} differs from text_config.hidden_size "
@@ -120,9 +156,18 @@ def paligemma_config_from_hf(hf: Mapping[str, Any], source: str = "config.json")
 
 
 def paligemma_config_to_hf(cfg: PaliGemmaConfig) -> dict[str, Any]:
-    """The config.json dict (transformers 5.x PaliGemmaConfig) of `cfg`; a ValueError if HF cannot express it."""
+    """The config.json dict (transformers 5.x PaliGemmaConfig, or Gemma3Config for Gemma 3's projector) of `cfg`; a
+    ValueError if HF cannot express it."""
     if cfg.experts:
         raise ValueError(f"HF PaliGemma has one decoder; this config has {len(cfg.experts)} extra experts")
+    if cfg.projector == "gemma3":
+        if cfg.llm.family != GEMMA3_TEXT or cfg.llm.bidirectional_beyond_window:
+            raise ValueError(f"HF Gemma 3's decoder is a {GEMMA3_TEXT} one whose window cuts through images")
+        text = config_to_hf(cfg.llm)
+        del text["architectures"]
+        return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                "image_token_index": cfg.image_token_id, "mm_tokens_per_image": cfg.mm_tokens_per_image,
+                "tie_word_embeddings": True, "text_config": text, "vision_config": vision_config_to_hf(cfg.vision)}
     if cfg.llm.family not in TEXT_MODEL_TYPES:
         raise ValueError(f"HF PaliGemma's decoder is one of {TEXT_MODEL_TYPES}, not {cfg.llm.family!r}")
     if not cfg.llm.tie_embeddings:
@@ -162,8 +207,17 @@ def expected_paligemma_shapes(cfg: PaliGemmaConfig, layout: HFLayout) -> dict[st
     """Every tensor an HF PaliGemma checkpoint of `cfg` holds in `layout`, with its shape (tied head excluded)."""
     d, e = cfg.llm.width, cfg.vision.width
     shapes = expected_vision_shapes(cfg.vision, layout.vision)
-    shapes |= {f"{layout.projector}weight": (d, e), f"{layout.projector}bias": (d,)}
+    if cfg.projector == "gemma3":
+        root = _gemma3_projector(layout)
+        shapes |= {f"{root}mm_input_projection_weight": (e, d), f"{root}mm_soft_emb_norm.weight": (e,)}
+    else:
+        shapes |= {f"{layout.projector}weight": (d, e), f"{layout.projector}bias": (d,)}
     return shapes | expected_hf_shapes(cfg.llm, layout.llm)
+
+
+def _gemma3_projector(layout: HFLayout) -> str:
+    """Gemma 3's projector prefix: PaliGemma's without its `linear.` level."""
+    return layout.projector.removesuffix("linear.")
 
 
 def check_paligemma_state(state: Mapping[str, np.ndarray], cfg: PaliGemmaConfig, layout: HFLayout,
@@ -193,8 +247,14 @@ def paligemma_params_from_hf(state: Mapping[str, np.ndarray], cfg: PaliGemmaConf
     layout = detect_layout(state, source)
     check_paligemma_state(state, cfg, layout, source, where)
     img = vision_params_from_hf(state, cfg.vision, layout.vision)
-    img["head"] = {"kernel": state[f"{layout.projector}weight"].T, "bias": state[f"{layout.projector}bias"]}
-    return {"img": img, "llm": params_from_hf(state, cfg.llm, layout.llm)}
+    params = {"img": img, "llm": params_from_hf(state, cfg.llm, layout.llm)}
+    if cfg.projector == "gemma3":
+        root = _gemma3_projector(layout)
+        params["mm_projector"] = {"mm_input_projection": state[f"{root}mm_input_projection_weight"],
+                                  "mm_soft_embedding_norm": {"scale": state[f"{root}mm_soft_emb_norm.weight"]}}
+    else:
+        img["head"] = {"kernel": state[f"{layout.projector}weight"].T, "bias": state[f"{layout.projector}bias"]}
+    return params
 
 
 def paligemma_params_to_hf(params: Mapping[str, Any], cfg: PaliGemmaConfig,
@@ -208,8 +268,13 @@ def paligemma_params_to_hf(params: Mapping[str, Any], cfg: PaliGemmaConfig,
     names = layout if isinstance(layout, HFLayout) else LAYOUTS[layout]
     img = params["img"]
     state = vision_params_to_hf(img, cfg.vision, names.vision)
-    state[f"{names.projector}weight"] = np.ascontiguousarray(np.asarray(img["head"]["kernel"]).T)
-    state[f"{names.projector}bias"] = np.ascontiguousarray(np.asarray(img["head"]["bias"]))
+    if cfg.projector == "gemma3":
+        root, projector = _gemma3_projector(names), params["mm_projector"]
+        state[f"{root}mm_input_projection_weight"] = np.ascontiguousarray(projector["mm_input_projection"])
+        state[f"{root}mm_soft_emb_norm.weight"] = np.ascontiguousarray(projector["mm_soft_embedding_norm"]["scale"])
+    else:
+        state[f"{names.projector}weight"] = np.ascontiguousarray(np.asarray(img["head"]["kernel"]).T)
+        state[f"{names.projector}bias"] = np.ascontiguousarray(np.asarray(img["head"]["bias"]))
     return state | params_to_hf(params["llm"], cfg.llm, names.llm)
 
 

@@ -67,6 +67,9 @@ class DecoderConfig:
     local_rope_scale: float = 1.0
     lora: LoRAConfig | None = None
     max_positions: int | None = None  # the longest sequence the model was trained for (HF max_position_embeddings)
+    # Sliding layers keep a bidirectional block (an image + prefix) whole beyond the window (PaliGemma 2, as
+    # transformers ORs the block onto the window), or cut it by the window too (False: Gemma 3 with vision).
+    bidirectional_beyond_window: bool = True
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -309,7 +312,8 @@ class Decoder(nn.Module):
         key_positions, new_keys_at = (positions, 0) if cache is None else cache.key_positions(positions)
         window = None
         if first.is_sliding.any():
-            window = sliding_mask(attn_mask, positions, key_positions, first.sliding_window, new_keys_at)
+            window = sliding_mask(attn_mask, positions, key_positions, first.sliding_window, new_keys_at,
+                                  keep_blocks=first.bidirectional_beyond_window)
         write_at = None if cache is None else cache.index
         sliding, inv_freq = jnp.asarray(first.is_sliding), jnp.asarray(first.inv_freq)
 

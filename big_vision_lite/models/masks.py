@@ -62,10 +62,12 @@ def mutual_mask(attn_mask: jax.Array, key_offset: int | jax.Array) -> jax.Array:
 
 
 def sliding_mask(attn_mask: jax.Array, query_positions: jax.Array, key_positions: jax.Array, window: int,
-                 new_keys_at: int | jax.Array) -> jax.Array:
-    """[B, T, S]: `attn_mask` narrowed to the sliding window, except inside this call's bidirectional block."""
+                 new_keys_at: int | jax.Array, keep_blocks: bool = True) -> jax.Array:
+    """[B, T, S]: `attn_mask` narrowed to the sliding window, except inside this call's bidirectional block when
+    `keep_blocks` (PaliGemma 2); without, the window cuts through a block too (Gemma 3: keys of its own image
+    further back than the window are dropped, later ones kept, as `window_mask` bounds the past only)."""
     narrowed = attn_mask & window_mask(query_positions, key_positions, window)
-    if attn_mask.shape[1] == 1:  # one new token (a decode step) is its own block and always in its window
+    if attn_mask.shape[1] == 1 or not keep_blocks:  # a decode step is its own block, always in its window
         return narrowed
     return narrowed | (attn_mask & mutual_mask(attn_mask, new_keys_at))
 

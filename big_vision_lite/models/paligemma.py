@@ -1,4 +1,5 @@
-"""PaliGemma: a SigLIP vision tower, a linear projector and a Gemma-family decoder under a prefix-LM mask.
+"""PaliGemma (and Gemma 3 with vision): a SigLIP vision tower, a projector and a Gemma-family decoder under a
+prefix-LM mask.
 
 Axis letters: B batch, T tokens (image placeholders included), S key tokens, P image tokens (patches),
 R image side, D decoder width, V vocab.
@@ -16,13 +17,23 @@ Masks: `masks.prefix_lm_mask(input_mask, mask_ar)` (big_vision/openpi semantics)
 prefix) is one bidirectional block and each one (suffix token) starts a causal step; padding is never seen.
 Positions are `cumsum(input_mask) - 1`.
 
-Parameters (big_vision's PaliGemma names): `img/...` (the ViT; `img/head` is the projector) and `llm/...` (the
-decoder; see `gemma.py`). Extra experts (`PaliGemmaConfig.experts`, the openpi pi0 layout) add `_1`, `_2`, ...
-parameters inside `llm` and share every attention layer with expert 0; a single-expert checkpoint's params are
-exactly expert 0's.
+Gemma 3 with vision (`projector="gemma3"`, transformers' `Gemma3ForConditionalGeneration`) is the same model with
+another projector and mask: the ViT's tokens [B, g*g, E] are average-pooled over the g x g patch grid down to
+`mm_tokens_per_image` (k x k windows, k = g / sqrt(mm_tokens_per_image)), normalised by a Gemma RMSNorm
+(`mm_projector/mm_soft_embedding_norm`) and projected by `mm_projector/mm_input_projection` [E, D]. Its image
+tokens attend bidirectionally within their own image and causally to everything before; in `mask_ar` terms
+(`gemma3_mask_ar`), each image's first token starts a causal step and its others continue it, so
+`prefix_lm_mask` gives exactly that. Its sliding layers cut the window through an image too
+(`DecoderConfig.bidirectional_beyond_window` False).
+
+Parameters (big_vision's PaliGemma names): `img/...` (the ViT; `img/head` is PaliGemma's projector),
+`mm_projector/...` (Gemma 3's) and `llm/...` (the decoder; see `gemma.py`). Extra experts
+(`PaliGemmaConfig.experts`, the openpi pi0 layout) add `_1`, `_2`, ... parameters inside `llm` and share every
+attention layer with expert 0; a single-expert checkpoint's params are exactly expert 0's.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +44,7 @@ import numpy as np
 
 from big_vision_lite.models.cache import KVCache
 from big_vision_lite.models.gemma import Decoder, DecoderConfig, relayout_layers
+from big_vision_lite.models.layers import RMSNorm
 from big_vision_lite.models.lora import LoRAConfig
 from big_vision_lite.models.vit import ViT, ViTConfig, relayout_vit
 from big_vision_lite.utils.dtypes import as_dtype
@@ -41,28 +53,46 @@ from big_vision_lite.utils.dtypes import as_dtype
 _LEGACY_VISION_FIELDS = ("scan", "remat", "dtype")
 
 
+PROJECTORS = ("linear", "gemma3")
+
+
 @dataclasses.dataclass(frozen=True)
 class PaliGemmaConfig:
-    """`vision` must pool "none" and have `head_size` = the decoder width (its head is the projector)."""
+    """`vision` must pool "none". `projector` "linear" (PaliGemma): `vision.head_size` = the decoder width (its head
+    is the projector); "gemma3": no head, and `mm_tokens_per_image` a square whose side divides the patch grid's."""
 
     vision: ViTConfig
     llm: DecoderConfig
     image_token_id: int
     experts: tuple[DecoderConfig, ...] = ()  # extra experts after expert 0 (`llm`)
+    projector: str = "linear"
+    mm_tokens_per_image: int | None = None  # image tokens after Gemma 3's pooling
 
     def __post_init__(self):
         if self.vision.pool_type != "none":
             raise ValueError(f"PaliGemma's vision tower must keep its tokens: pool_type 'none', got "
                              f"{self.vision.pool_type!r}")
-        if self.vision.head_size != self.llm.width:
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector {self.projector!r} is not one of {PROJECTORS}")
+        if self.projector == "linear" and self.vision.head_size != self.llm.width:
             raise ValueError(f"the projector (vision.head_size {self.vision.head_size}) must map to the decoder "
                              f"width {self.llm.width}")
+        if self.projector == "gemma3":
+            if self.vision.head_size is not None:
+                raise ValueError(f"Gemma 3's vision tower has no head (vision.head_size {self.vision.head_size}); "
+                                 "its projector is mm_projector")
+            grid, side = self.vision.image_size // self.vision.patch_size, math.isqrt(self.mm_tokens_per_image or 0)
+            if side < 1 or side * side != self.mm_tokens_per_image or grid % side:
+                raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose side "
+                                 f"divides the {grid} x {grid} patch grid (its pooling windows tile the grid)")
+        elif self.mm_tokens_per_image is not None:
+            raise ValueError("mm_tokens_per_image is for projector 'gemma3'; PaliGemma keeps one token per patch")
         if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
             raise ValueError(f"image_token_id must be an int >= 0, got {self.image_token_id!r}")
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        return self.vision.num_patches if self.projector == "linear" else self.mm_tokens_per_image
 
     @property
     def decoders(self) -> tuple[DecoderConfig, ...]:
@@ -87,7 +117,9 @@ def paligemma_config_from_dict(fields: dict[str, Any]) -> PaliGemmaConfig:
     vision = {k: v for k, v in fields["vision"].items() if k not in _LEGACY_VISION_FIELDS}
     return PaliGemmaConfig(vision=ViTConfig(**vision), llm=decoder(fields["llm"]),
                            image_token_id=fields["image_token_id"],
-                           experts=tuple(decoder(e) for e in fields.get("experts", ())))
+                           experts=tuple(decoder(e) for e in fields.get("experts", ())),
+                           projector=fields.get("projector", "linear"),
+                           mm_tokens_per_image=fields.get("mm_tokens_per_image"))
 
 
 def merge_image_tokens(text: jax.Array, image: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -107,6 +139,38 @@ def check_image_tokens(tokens: np.ndarray, config: PaliGemmaConfig) -> None:
     if bad := [int(i) for i in np.flatnonzero(counts != config.num_image_tokens)]:
         raise ValueError(f"rows {bad} hold {counts[bad].tolist()} image tokens (id {config.image_token_id}); "
                          f"each row needs exactly {config.num_image_tokens} (one per image patch)")
+
+
+def gemma3_mask_ar(tokens: np.ndarray, image_token_id: int) -> np.ndarray:
+    """mask_ar [B, T] int32 of Gemma 3 prompts: 1 (a causal step) everywhere except on an image token that follows
+    another, so each image is one bidirectional block (`masks.prefix_lm_mask`)."""
+    is_image = np.asarray(tokens) == image_token_id
+    follows = np.pad(is_image, [(0, 0), (1, 0)])[:, :-1]
+    return (~(is_image & follows)).astype(np.int32)
+
+
+class Gemma3Projector(nn.Module):
+    """Gemma 3's multimodal projector: ViT tokens [B, g*g, E] -> average pooling to [B, m, E] (m =
+    `mm_tokens_per_image`, k x k windows of the row-major patch grid) -> RMSNorm (1 + w, float32) -> [B, m, D]."""
+
+    config: PaliGemmaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, patches, width = x.shape
+        grid, side = cfg.vision.image_size // cfg.vision.patch_size, math.isqrt(cfg.mm_tokens_per_image)
+        assert patches == grid * grid, (patches, grid)  # the pooling windows tile exactly this grid
+        k = grid // side
+        windows = x.astype(jnp.float32).reshape(batch, side, k, side, k, width)  # [B, rows, k, cols, k, E]
+        pooled = windows.mean(axis=(2, 4)).reshape(batch, side * side, width)  # [B, m, E]
+        normed = RMSNorm(cfg.vision.norm_eps, True, as_dtype(self.param_dtype), name="mm_soft_embedding_norm")(
+            pooled.astype(x.dtype))
+        w = self.param("mm_input_projection", nn.initializers.lecun_normal(), (width, cfg.llm.width),
+                       as_dtype(self.param_dtype))
+        return normed @ w.astype(normed.dtype)  # [B, m, D]
 
 
 class PaliGemma(nn.Module):
@@ -129,6 +193,8 @@ class PaliGemma(nn.Module):
     def setup(self):
         self.img = ViT(self.config.vision, dtype=self.dtype, param_dtype=self.param_dtype,
                        scan_layers=self.scan_layers, remat_policy=self.remat_policy, return_hidden=self.return_hidden)
+        if self.config.projector == "gemma3":
+            self.mm_projector = Gemma3Projector(self.config, as_dtype(self.dtype), self.param_dtype)
         self.llm = Decoder(self.config.decoders, dtype=self.dtype, param_dtype=self.param_dtype,
                            scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                            return_probs=self.return_probs, return_hidden=self.return_hidden)
@@ -136,6 +202,8 @@ class PaliGemma(nn.Module):
     def embed_images(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """images [B, R, R, 3] in [-1, 1] -> image tokens [B, P, D] in the decoder's dtype, ViT intermediates."""
         tokens, out = self.img(images)
+        if self.config.projector == "gemma3":
+            tokens = self.mm_projector(tokens)
         return tokens.astype(as_dtype(self.dtype)), out
 
     def embed(self, tokens: jax.Array, images: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:

@@ -26,7 +26,7 @@ import numpy as np
 from big_vision_lite.checkpoints import Loaded
 from big_vision_lite.decoding.engine import jitted_prefill
 from big_vision_lite.models.masks import positions_from_mask
-from big_vision_lite.models.paligemma import PaliGemmaConfig
+from big_vision_lite.models.paligemma import PaliGemmaConfig, gemma3_mask_ar
 from big_vision_lite.parity import torch_side
 from big_vision_lite.parity.decoder import drill_into_first_failure, our_greedy, our_substages, reference_substages
 from big_vision_lite.parity.golden import ReferenceSide
@@ -39,9 +39,12 @@ BOS_ID = 2  # Gemma's
 def paligemma_parity_batch(cfg: PaliGemmaConfig, batch: int = 2, prefix_len: int = 6, suffix_len: int = 8,
                            seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic inputs: `images` [B, R, R, 3] float32 in [-1, 1]; the full rows `tokens`, `mask`, `mask_ar`
-    [B, T] (image + prefix, then suffix); the prompts alone `prompt_tokens`, `prompt_mask` [B, T - suffix_len].
+    and transformers' `token_type_ids` [B, T] (image + prefix, then suffix); the prompts alone `prompt_tokens`,
+    `prompt_mask`, `prompt_mask_ar`, `prompt_token_type_ids` [B, T - suffix_len].
 
     Row b's prefix is `prefix_len - 2 b` ids long (at least 1), so every row after the first is left-padded.
+    Gemma 3 (`projector "gemma3"`) rows put the image inside the text, `bos + 2 ids + image + prefix`, as its
+    processor does (text before the image must be seen causally by it), with `mask_ar` from `gemma3_mask_ar`.
     """
     rng = np.random.default_rng(seed)
     r, p = cfg.vision.image_size, cfg.num_image_tokens
@@ -52,7 +55,12 @@ def paligemma_parity_batch(cfg: PaliGemmaConfig, batch: int = 2, prefix_len: int
     prompts = []
     for row in range(batch):
         n = max(1, prefix_len - 2 * row)
-        prompts.append([cfg.image_token_id] * p + [BOS_ID] + rng.integers(BOS_ID + 1, text_vocab, n + 1).tolist())
+        text = rng.integers(BOS_ID + 1, text_vocab, n + 1).tolist()
+        if cfg.projector == "gemma3":
+            lead = rng.integers(BOS_ID + 1, text_vocab, 2).tolist()
+            prompts.append([BOS_ID, *lead] + [cfg.image_token_id] * p + text)
+        else:
+            prompts.append([cfg.image_token_id] * p + [BOS_ID] + text)
     width = max(len(ids) for ids in prompts)
     prompt_tokens = np.zeros((batch, width), np.int32)
     prompt_mask = np.zeros((batch, width), bool)
@@ -62,9 +70,19 @@ def paligemma_parity_batch(cfg: PaliGemmaConfig, batch: int = 2, prefix_len: int
     suffix = rng.integers(BOS_ID + 1, text_vocab, size=(batch, suffix_len)).astype(np.int32)
     tokens = np.concatenate([prompt_tokens, suffix], axis=1)
     mask = np.concatenate([prompt_mask, np.ones_like(suffix, bool)], axis=1)
-    mask_ar = np.concatenate([np.zeros_like(prompt_tokens), np.ones_like(suffix)], axis=1)
-    return {"images": images, "tokens": tokens, "mask": mask, "mask_ar": mask_ar,
-            "prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
+    if cfg.projector == "gemma3":
+        # transformers marks image tokens (token_type_ids 1), the blocks that attend bidirectionally.
+        mask_ar, prompt_mask_ar = gemma3_mask_ar(tokens, cfg.image_token_id), gemma3_mask_ar(prompt_tokens,
+                                                                                          cfg.image_token_id)
+        token_types, prompt_token_types = tokens == cfg.image_token_id, prompt_tokens == cfg.image_token_id
+    else:
+        # transformers' PaliGemma marks the suffix (token_type_ids 1): our mask_ar as it is.
+        mask_ar = np.concatenate([np.zeros_like(prompt_tokens), np.ones_like(suffix)], axis=1)
+        prompt_mask_ar = np.zeros_like(prompt_tokens)
+        token_types, prompt_token_types = mask_ar, prompt_mask_ar
+    return {"images": images, "tokens": tokens, "mask": mask, "mask_ar": mask_ar, "token_type_ids": token_types,
+            "prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask, "prompt_mask_ar": prompt_mask_ar,
+            "prompt_token_type_ids": prompt_token_types}
 
 
 def _reference_forward(model: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,11 +95,11 @@ def _reference_forward(model: Any, batch: dict[str, np.ndarray]) -> dict[str, np
     with torch_side.capture_decoder_stages(model.model.language_model) as captured, torch.no_grad():
         vision = model.model.vision_tower(pixels, output_hidden_states=True)
         out = model(input_ids=long(batch["tokens"]), pixel_values=pixels, attention_mask=long(batch["mask"]),
-                    position_ids=long(positions), token_type_ids=long(batch["mask_ar"]), use_cache=False)
+                    position_ids=long(positions), token_type_ids=long(batch["token_type_ids"]), use_cache=False)
     captured["img/embeddings"] = vision.hidden_states[0]
     captured |= {f"img/layer_{i}": h for i, h in enumerate(vision.hidden_states[1:])}
     captured["img/encoded"] = vision.last_hidden_state
-    captured["image_tokens"] = out.image_hidden_states
+    captured["image_tokens"] = out.image_outputs.pooler_output
     captured["logits"] = out.logits
     return torch_side.to_numpy(captured)
 
@@ -118,7 +136,8 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
     names = ["embeddings", *[f"layer_{i}" for i in range(cfg.llm.depth)], "final_norm", "logits"]
     text_layers, text_truth = compare_stages(names, ours, ref, truth, batch["mask"])
     del ref, ours, truth
-    fields = {"model_type": "paligemma", "layers": layers + text_layers, "truth": truth_errors + text_truth}
+    model_type = "gemma3" if cfg.projector == "gemma3" else "paligemma"
+    fields = {"model_type": model_type, "layers": layers + text_layers, "truth": truth_errors + text_truth}
     fields |= drill_into_first_failure(
         fields["layers"], tolerance, reference, watch, inputs,
         lambda i: our_substages(loaded, i, batch["tokens"], batch["mask"], batch["mask_ar"], images=batch["images"]),
@@ -131,8 +150,8 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
                                    lambda: torch_side.greedy(
                                        reference.model, prompts, prompt_mask, greedy_tokens,
                                        pixel_values=torch_side.pixels_nchw(batch["images"], reference.model.dtype),
-                                       token_type_ids=torch_side.long_tensor(np.zeros_like(prompts))))
+                                       token_type_ids=torch_side.long_tensor(batch["prompt_token_type_ids"])))
     with watch("greedy_ours"):
         greedy_ours = our_greedy(loaded.module.clone(return_hidden=False), loaded.params, prompts, prompt_mask,
-                                 greedy_tokens, images=batch["images"], mask_ar=np.zeros_like(prompts))
+                                 greedy_tokens, images=batch["images"], mask_ar=batch["prompt_mask_ar"])
     return fields | greedy_fields(greedy_ours, greedy_ref)

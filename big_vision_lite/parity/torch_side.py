@@ -17,7 +17,7 @@ from big_vision_lite.utils.dtypes import dtype_name
 
 # The transformers class of each model kind (`checkpoints.KINDS`).
 REFERENCE_CLASSES = {"decoder": "AutoModelForCausalLM", "siglip": "SiglipModel",
-                     "paligemma": "PaliGemmaForConditionalGeneration"}
+                     "paligemma": "AutoModelForImageTextToText"}  # PaliGemma or Gemma 3 with vision
 
 
 def torch_dtype(dtype: Any) -> Any:
