@@ -2,8 +2,8 @@
 
 `generate_text(MODEL, prompts)` continues text prompts with a decoder; `generate_image_text(MODEL, images,
 prompts)` answers prompts about images with a PaliGemma (an HF folder with its tokenizer, or a training workdir
-of ours). Both load through `checkpoints.load`, tokenize, left-pad the prompts into one batch, run
-`decoding.engine.generate` (one jitted decode loop), and report the completions with the timings: `load_s`,
+of ours) or a Gemma 3 with vision. Both load through `checkpoints.load`, tokenize, left-pad the prompts into one
+batch, run `decoding.engine.generate` (one jitted decode loop), and report the completions with the timings: `load_s`,
 `compile_s` (tracing + XLA compilation, from JAX's own compile events) and `run_s` (the rest of the generate call),
 and `tokens_per_s` (new tokens of all rows / run_s).
 """
@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from big_vision_lite.checkpoints import Loaded, load
+from big_vision_lite.data.gemma3_processor import BOI, Gemma3Processor
 from big_vision_lite.data.processor import PaliGemmaProcessor
 from big_vision_lite.decoding.engine import Generated, generate, left_pad
 from big_vision_lite.decoding.samplers import SamplerConfig
@@ -78,7 +79,9 @@ def generate_image_text(
     seed: int = 0,
     dtype: str | None = None,
 ) -> dict[str, Any]:
-    """PaliGemma: continues each prompt about its image (image files; one for all prompts, or one each).
+    """PaliGemma or Gemma 3 with vision: continues each prompt about its image (image files; one for all prompts,
+    or one each). Gemma 3 prompts become user turns of its chat template (unless they place "<start_of_image>"
+    themselves) and stop at `<end_of_turn>`.
 
     Returns what `generate_text` returns, each completion also naming its image.
     """
@@ -97,24 +100,34 @@ def generate_image_text(
     paths = list(images) * (len(prompts) // len(images))
     pictures *= len(prompts) // len(pictures)
     with timed() as load_time:
-        loaded = load_generator(model, "paligemma", dtype, "--image needs a PaliGemma: an HF folder whose config.json "
-                                "has model_type 'paligemma', or a workdir of a paligemma training run")
+        loaded = load_generator(model, "paligemma", dtype, "--image needs a PaliGemma or Gemma 3 with vision: an HF "
+                                "folder whose config.json has model_type 'paligemma' or 'gemma3', or a workdir of a "
+                                "paligemma training run")
     cfg = loaded.config
-    processor = PaliGemmaProcessor(loaded.tokenizer, image_size=cfg.vision.image_size,
-                                   num_image_tokens=cfg.num_image_tokens)
+    processor: PaliGemmaProcessor | Gemma3Processor
+    if cfg.projector == "gemma3":
+        # A prompt without the image marker is a user turn of the chat template; one with it is used as it is.
+        processor = Gemma3Processor(loaded.tokenizer, image_size=cfg.vision.image_size,
+                                    tokens_per_image=cfg.num_image_tokens)
+        texts = [p if BOI in p else processor.chat_prompt(p) for p in prompts]
+        batch, end_ids, pad_id = processor(pictures, texts), processor.end_ids, loaded.tokenizer.pad_id or 0
+    else:
+        processor = PaliGemmaProcessor(loaded.tokenizer, image_size=cfg.vision.image_size,
+                                       num_image_tokens=cfg.num_image_tokens)
+        batch = processor(pictures, list(prompts), padding_side="left")
+        end_ids, pad_id = processor.tokenizer.eos_ids, processor.pad_id
     if processor.image_token_id != cfg.image_token_id:
-        raise ValueError(f"{model}: the tokenizer gives '<image>' id {processor.image_token_id}, the model's config "
-                         f"says image_token_id {cfg.image_token_id}")
-    batch = processor(pictures, list(prompts), padding_side="left")
+        raise ValueError(f"{model}: the tokenizer gives the image token id {processor.image_token_id}, the model's "
+                         f"config says image_token_id {cfg.image_token_id}")
     with timed() as run:
         result = generate(loaded.module, loaded.params, batch["input_ids"], batch["input_mask"], max_new_tokens,
-                          sampler=sampler, rng=jax.random.key(seed), end_ids=processor.tokenizer.eos_ids,
-                          pad_id=processor.pad_id, images=batch["pixel_values"], mask_ar=batch["mask_ar"])
+                          sampler=sampler, rng=jax.random.key(seed), end_ids=end_ids, pad_id=pad_id,
+                          images=batch["pixel_values"], mask_ar=batch["mask_ar"])
     completions = []
     for prompt, path, ids, length in zip(prompts, paths, result.tokens, result.lengths, strict=True):
         ids = ids[:length].tolist()
         completions.append({"prompt": prompt, "image": path, "completion": processor.decode(ids), "tokens": ids,
-                            "stopped_at_end": bool(length and ids[-1] in processor.tokenizer.eos_ids)})
+                            "stopped_at_end": bool(length and ids[-1] in end_ids)})
     return _report(model, loaded, sampler, seed, max_new_tokens, completions, result, load_time, run)
 
 

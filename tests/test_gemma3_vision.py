@@ -164,3 +164,128 @@ def test_config_rules():
     with pytest.raises(ValueError, match="has no head"):
         PaliGemmaConfig(dataclasses.replace(vision, head_size=32), llm, IMAGE_TOKEN, projector="gemma3",
                     mm_tokens_per_image=4)
+
+
+# ---------------------------------------------------------------------------------- processor and generation
+# With Gemma 3's own tokenizer (from the packaged Gemma 3 270M, which lacks only "<image_soft_token>": it gets id
+# 262144, as in the multimodal tokenizer), a model with Gemma 3's vocabulary and special-token ids.
+FULL_VOCAB = dict(vocab_size=262208)
+SPECIAL = dict(image_token_index=262144, boi_token_index=255999, eoi_token_index=256000)
+
+
+def _with_gemma3_tokenizer(folder: Path, tokenizer_folder: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tokenizer_folder / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    # What the multimodal Gemma 3 tokenizer declares, so transformers' Gemma3Processor finds its tokens.
+    config["extra_special_tokens"] = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _build_full_vocab(folder: Path, tokenizer_folder: Path, edit=None) -> Path:
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(text_config={**TEXT, **FULL_VOCAB}, vision_config=VISION, mm_tokens_per_image=16,
+                          **SPECIAL)
+    torch.manual_seed(1)
+    model = Gemma3ForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.05 if "embed_tokens" in name else 0.2)
+        if edit is not None:
+            edit(model)
+    model.save_pretrained(folder)
+    return _with_gemma3_tokenizer(folder, tokenizer_folder)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory, converted) -> Path:
+    return _build_full_vocab(tmp_path_factory.mktemp("gemma3_tok") / "model", converted("gemma3-270m")[1])
+
+
+def _hf_processor(folder: Path, image_size: int = 32, tokens: int = 16):
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil
+    from transformers import Gemma3Processor as HFGemma3Processor
+
+    return HFGemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
+                             tokenizer=AutoTokenizer.from_pretrained(folder), image_seq_length=tokens)
+
+
+def _images():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray((rng.random((20, 160, 3)) * 255).astype(np.uint8))  # 1:8
+    tall = Image.fromarray((rng.random((160, 20, 4)) * 255).astype(np.uint8), "RGBA")  # 8:1, alpha on white
+    grey = Image.fromarray((rng.random((7, 5)) * 255).astype(np.uint8), "L")  # tiny
+    return [wide, tall, grey]
+
+
+def test_processor_equals_transformers(with_tokenizer):
+    from big_vision_lite.data.gemma3_processor import Gemma3Processor
+
+    ours = Gemma3Processor(load(with_tokenizer).tokenizer, image_size=32, tokens_per_image=16)
+    prompts = [ours.chat_prompt("Describe this image."), "A photo <start_of_image> of", ours.chat_prompt(" hi ")]
+    batch = ours(_images(), prompts)
+    theirs = _hf_processor(with_tokenizer)(images=[[im] for im in _images()], text=prompts, padding=True,
+                                          padding_side="left", return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], theirs["input_ids"])
+    np.testing.assert_array_equal(batch["input_mask"], theirs["attention_mask"].astype(bool))
+    np.testing.assert_array_equal(batch["token_type_ids"], theirs["token_type_ids"])
+    np.testing.assert_array_equal(batch["pixel_values"], theirs["pixel_values"].transpose(0, 2, 3, 1))
+    assert ours.image_token_id == 262144 and ours.end_ids == (1, 106)
+    with pytest.raises(ValueError, match="prompt 0 holds 0 '<start_of_image>' markers"):
+        ours(_images()[:1], ["no image here"])
+    with pytest.raises(ValueError, match="got 1 images for 2 prompts"):
+        ours(_images()[:1], prompts[:2])
+
+
+def test_bvl_generate_with_an_image_equals_transformers(with_tokenizer, tmp_path, capsys):
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    image_path = tmp_path / "wide.png"
+    _images()[0].save(image_path)
+    assert main(["generate", str(with_tokenizer), "--image", str(image_path), "--prompt", "What is this?",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["completions"][0]
+    from PIL import Image
+
+    hf = _hf_processor(with_tokenizer)
+    from big_vision_lite.data.gemma3_processor import Gemma3Processor
+
+    inputs = hf(images=[[Image.open(image_path)]], text=[Gemma3Processor.chat_prompt("What is this?")],
+                return_tensors="pt")
+    model = Gemma3ForConditionalGeneration.from_pretrained(with_tokenizer, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=[1, 106])
+    expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert row["tokens"] == expected[:len(row["tokens"])] and len(row["tokens"]) == len(expected)
+
+
+def test_end_of_turn_stops_generation(converted, tmp_path, capsys):
+    """A model built to answer `<end_of_turn>` at once: layers that add nothing (the residual stream is the token's
+    own embedding), a final norm that keeps one dimension, where every embedding is positive and 106's largest."""
+    import torch
+
+    def answer_end_of_turn(model):
+        text = model.model.language_model
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.embed_tokens.weight[:, 0] = text.embed_tokens.weight[:, 0].abs() + 0.1
+        text.embed_tokens.weight[106, 0] = 10.0
+        text.norm.weight.fill_(-1.0)  # Gemma's norm scales by 1 + w: every dimension but 0 is zeroed
+        text.norm.weight[0] = 0.0
+        assert torch.is_tensor(text.norm.weight)
+
+    folder = _build_full_vocab(tmp_path / "eot", converted("gemma3-270m")[1], answer_end_of_turn)
+    image_path = tmp_path / "img.png"
+    _images()[2].save(image_path)
+    assert main(["generate", str(folder), "--image", str(image_path), "--prompt", "Hi", "--max-new-tokens", "8",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["completions"][0]
+    assert row["tokens"] == [106] and row["stopped_at_end"] and row["completion"] == ""

@@ -261,8 +261,10 @@ class PaliGemmaProcessor:
         return out
 
 
-def resize_rgb(image: ImageLike, size: int, *, index: int = 0) -> np.ndarray:
-    """uint8 [size, size, 3]: `image` in RGB, resized with PIL bicubic.
+def resize_rgb(image: ImageLike, size: int, *, index: int = 0,
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """uint8 [size, size, 3]: `image` in RGB, resized with PIL `resample` (bicubic: SigLIP's and PaliGemma's
+    processors; Gemma 3's is bilinear).
 
     PIL images of any mode are converted as transformers does: modes with alpha (and palettes with a
     transparent colour) are composited onto white, the rest go through `Image.convert("RGB")`. Arrays are
@@ -277,7 +279,7 @@ def resize_rgb(image: ImageLike, size: int, *, index: int = 0) -> np.ndarray:
         rgb = Image.fromarray(_array_to_rgb(image, index))
     else:
         raise ValueError(f"image {index}: expected a PIL image or a numpy array, got {type(image).__name__}")
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC))
+    return np.asarray(rgb.resize((size, size), resample))
 
 
 def normalize_pixels(rgb: np.ndarray) -> np.ndarray:
