@@ -184,6 +184,8 @@ def convert(source: str, destination: str | Path, *, to: str = "hf", lora: str =
         config = _without_lora(config)
     leftover = adapter_names(params)
     assert not leftover, f"adapters left in the base model: {leftover[:3]}"  # nothing may be dropped silently
+    if to == "npz" and config.projector != "linear":
+        raise ValueError(f"{source} is a Gemma 3 with vision; big_vision's .npz layout is PaliGemma's (use --to hf)")
     if to == "hf" and isinstance(config, PaliGemmaConfig) and config.experts:
         single = PaliGemma(dataclasses.replace(config, experts=()))  # what HF's one decoder holds
         held = set(_flat(jax.eval_shape(lambda: init_params(single, jax.random.PRNGKey(0)))))

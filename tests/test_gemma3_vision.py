@@ -100,6 +100,8 @@ def test_bfloat16_parity_against_the_truth(tiny):
 
 def test_hf_ours_hf_is_byte_exact_and_derived_config_loads_in_transformers(tiny, tmp_path):
     convert(str(tiny), tmp_path / "copy")
+    with pytest.raises(ValueError, match=r"big_vision's \.npz layout is PaliGemma's"):
+        convert(str(tiny), tmp_path / "g3.npz", to="npz")
     for name in ("config.json", "model.safetensors"):
         assert (tiny / name).read_bytes() == (tmp_path / "copy" / name).read_bytes()
     # Our own config.json (not the original's) describes the same model to transformers.
