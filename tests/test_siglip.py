@@ -76,8 +76,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 def _batch(module) -> tuple[jnp.ndarray, jnp.ndarray]:
     cfg = module.config
-    images, tokens = siglip_parity_batch(cfg.image.image_size, cfg.text.vocab_size, cfg.text.max_len, batch=2)
-    return jnp.asarray(images), jnp.asarray(tokens)
+    images, tokens = siglip_parity_batch(cfg.image, cfg.text.vocab_size, cfg.text.max_len, batch=2)
+    return jnp.asarray(images["images"]), jnp.asarray(tokens)
 
 
 def _torch_outputs(folder: Path, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -175,7 +175,7 @@ def test_config_round_trip(tiny):
     with pytest.raises(ValueError, match="vision linear head"):
         siglip_config_to_hf(dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, head_size=32)))
     with pytest.raises(CheckpointError, match="model_type"):
-        siglip_config_from_hf({**hf, "model_type": "siglip2"})
+        siglip_config_from_hf({**hf, "model_type": "clip"})
 
 
 # ---------------------------------------------------------------------------------------------- layouts, remat

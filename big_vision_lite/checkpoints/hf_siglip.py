@@ -31,6 +31,7 @@ None and it fails normalising it), so only the towers' features are comparable t
 Conversions are pure transposes and reshapes, so HF -> ours -> HF returns the same bytes.
 """
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")  # all tanh-approx
 # ---------------------------------------------------------------------------------------------- config
 
 
+SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
+
+
 def _square(value: Any, name: str, source: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
@@ -69,21 +73,33 @@ def _check_activation(sub: Mapping[str, Any], kind: str, source: str) -> None:
         raise CheckpointError(f"{source}: {kind}.hidden_act {act!r} is not supported; supported: {_ACTIVATIONS}")
 
 
-def vision_config_from_hf(vision: Mapping[str, Any], source: str = "config.json") -> ViTConfig:
-    """Our `ViTConfig` (no linear head) from a transformers SiglipVisionConfig dict (a `vision_config` entry).
+def vision_config_from_hf(vision: Mapping[str, Any], source: str = "config.json", naflex: bool = False) -> ViTConfig:
+    """Our `ViTConfig` (no linear head) from a transformers SiglipVisionConfig dict (a `vision_config` entry), or a
+    Siglip2VisionConfig one (`naflex`: its `num_patches` positions form the G x G grid, image_size = G * patch).
 
-    The defaults are transformers' SiglipVisionConfig defaults (what an omitted key means)."""
+    The defaults are transformers' SiglipVisionConfig / Siglip2VisionConfig defaults (what an omitted key means)."""
     _check_activation(vision, "vision_config", source)
     if vision.get("num_channels", 3) != 3:
         raise CheckpointError(f"{source}: vision_config.num_channels {vision['num_channels']} is not 3")
+    patch = _square(vision.get("patch_size", 16), "vision_config.patch_size", source)
+    if naflex:
+        positions = vision.get("num_patches", 256)
+        side = math.isqrt(positions)
+        if side * side != positions:
+            raise CheckpointError(f"{source}: vision_config.num_patches {positions} is not a square (the position "
+                                  "grid is G x G)")
+        image_size = side * patch
+    else:
+        image_size = _square(vision.get("image_size", 224), "vision_config.image_size", source)
     try:
         return ViTConfig(
             width=vision.get("hidden_size", 768),
             depth=vision.get("num_hidden_layers", 12),
             mlp_dim=vision.get("intermediate_size", 3072),
             num_heads=vision.get("num_attention_heads", 12),
-            patch_size=_square(vision.get("patch_size", 16), "vision_config.patch_size", source),
-            image_size=_square(vision.get("image_size", 224), "vision_config.image_size", source),
+            patch_size=patch,
+            image_size=image_size,
+            naflex=naflex,
             pool_type="map" if vision.get("vision_use_head", True) else "none",
             head_size=None,
             norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
@@ -95,14 +111,15 @@ def vision_config_from_hf(vision: Mapping[str, Any], source: str = "config.json"
 def vision_config_to_hf(img: ViTConfig) -> dict[str, Any]:
     """The `vision_config` dict (transformers `SiglipVisionConfig`) of a ViT tower; its linear head, if any, is
     not part of it (SiglipModel has none; PaliGemma's is the separate projector)."""
+    grid = {"num_patches": img.num_patches} if img.naflex else {"image_size": img.image_size}
     return {
-        "model_type": "siglip_vision_model",
+        "model_type": "siglip2_vision_model" if img.naflex else "siglip_vision_model",
         "hidden_size": img.width,
         "intermediate_size": img.mlp_dim,
         "num_hidden_layers": img.depth,
         "num_attention_heads": img.num_heads,
         "num_channels": 3,
-        "image_size": img.image_size,
+        **grid,
         "patch_size": img.patch_size,
         "hidden_act": "gelu_pytorch_tanh",
         "layer_norm_eps": img.norm_eps,
@@ -111,11 +128,13 @@ def vision_config_to_hf(img: ViTConfig) -> dict[str, Any]:
 
 
 def siglip_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> TwoTowersConfig:
-    """Our `TwoTowersConfig` from a transformers SiglipConfig dict (`model_type: "siglip"`)."""
-    if hf.get("model_type") != "siglip":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'siglip' (a SiglipModel folder)")
+    """Our `TwoTowersConfig` from a transformers SiglipConfig dict (`model_type: "siglip"`), or a Siglip2Config one
+    (`"siglip2"`: a NaFlex image tower, the same text tower)."""
+    if hf.get("model_type") not in SIGLIP_MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not one of {SIGLIP_MODEL_TYPES} "
+                              "(a SiglipModel or Siglip2Model folder)")
     vision, text = dict(hf.get("vision_config") or {}), dict(hf.get("text_config") or {})
-    image = vision_config_from_hf(vision, source)
+    image = vision_config_from_hf(vision, source, naflex=hf["model_type"] == "siglip2")
     _check_activation(text, "text_config", source)
     # The defaults are transformers' SiglipTextConfig defaults (what an omitted key means).
     try:
@@ -149,7 +168,7 @@ def siglip_config_to_hf(cfg: TwoTowersConfig) -> dict[str, Any]:
                          f"{img.width}")
     vision_config = vision_config_to_hf(img)
     text_config = {
-        "model_type": "siglip_text_model",
+        "model_type": "siglip2_text_model" if img.naflex else "siglip_text_model",
         "vocab_size": txt.vocab_size,
         "hidden_size": txt.width,
         "intermediate_size": txt.mlp_dim,
@@ -164,6 +183,9 @@ def siglip_config_to_hf(cfg: TwoTowersConfig) -> dict[str, Any]:
         "bos_token_id": None,
         "eos_token_id": 1 if txt.vocab_size > 1 else None,
     }
+    if img.naflex:
+        return {"architectures": ["Siglip2Model"], "model_type": "siglip2", "initializer_factor": 1.0,
+                "vision_config": vision_config, "text_config": text_config}
     return {"architectures": ["SiglipModel"], "model_type": "siglip", "initializer_factor": 1.0,
             "vision_config": vision_config, "text_config": text_config}
 
@@ -188,7 +210,8 @@ def expected_vision_shapes(img: ViTConfig, prefix: str = "vision_model.") -> dic
     """Every tensor of an HF SigLIP vision tower under `prefix`, with its shape (its linear head excluded)."""
     d, p, v = img.width, img.patch_size, prefix
     shapes = {
-        f"{v}embeddings.patch_embedding.weight": (d, 3, p, p),
+        # SigLIP 2's is a linear layer over the flattened patch (rows, columns, channels).
+        f"{v}embeddings.patch_embedding.weight": (d, p * p * 3) if img.naflex else (d, 3, p, p),
         f"{v}embeddings.patch_embedding.bias": (d,),
         f"{v}embeddings.position_embedding.weight": (img.num_patches, d),
         f"{v}post_layernorm.weight": (d,),
@@ -284,9 +307,11 @@ def vision_params_from_hf(state: Mapping[str, np.ndarray], img_cfg: ViTConfig,
     """Our ViT params (no `head`; blocks unrolled) from the HF vision tower under `prefix`. The caller checks the
     state first (names and shapes)."""
     v = prefix
-    conv = state[f"{v}embeddings.patch_embedding.weight"]  # [D, 3, p, p]
+    weight, p = state[f"{v}embeddings.patch_embedding.weight"], img_cfg.patch_size
+    # [D, 3, p, p] (a convolution), or [D, p * p * 3] (SigLIP 2's linear layer): our kernel is [p, p, 3, D].
+    kernel = weight.T.reshape(p, p, 3, -1) if img_cfg.naflex else weight.transpose(2, 3, 1, 0)
     img: dict[str, Any] = {
-        "embedding": {"kernel": conv.transpose(2, 3, 1, 0), "bias": state[f"{v}embeddings.patch_embedding.bias"]},
+        "embedding": {"kernel": kernel, "bias": state[f"{v}embeddings.patch_embedding.bias"]},
         "pos_embedding": state[f"{v}embeddings.position_embedding.weight"][None],  # [1, P, D]
         "Transformer": _encoder_from_hf(state, v, img_cfg.depth, img_cfg.num_heads, f"{v}post_layernorm"),
     }
@@ -365,8 +390,10 @@ def vision_params_to_hf(img: Mapping[str, Any], img_cfg: ViTConfig,
     the exact inverse of `vision_params_from_hf`."""
     v = prefix
     img = relayout_vit(img, img_cfg, scan_layers=False)
+    kernel = np.asarray(img["embedding"]["kernel"])  # [p, p, 3, D]
     state = {
-        f"{v}embeddings.patch_embedding.weight": _np(np.asarray(img["embedding"]["kernel"]).transpose(3, 2, 0, 1)),
+        f"{v}embeddings.patch_embedding.weight": _np(kernel.reshape(-1, kernel.shape[-1]).T if img_cfg.naflex
+                                                     else kernel.transpose(3, 2, 0, 1)),
         f"{v}embeddings.patch_embedding.bias": _np(img["embedding"]["bias"]),
         f"{v}embeddings.position_embedding.weight": _np(np.asarray(img["pos_embedding"])[0]),
         **_encoder_to_hf(img["Transformer"], v, img_cfg.depth, f"{v}post_layernorm"),

@@ -84,12 +84,14 @@ def detect_kind(name_or_path: str | Path) -> str:
     model_type = read_hf_config(path).get("model_type")
     if model_type in ("siglip", "paligemma"):
         return model_type
+    if model_type == "siglip2":  # SigLIP 2 (NaFlex): the SigLIP module with a NaFlex image tower
+        return "siglip"
     if model_type == "gemma3":  # Gemma 3 with vision: PaliGemma's module with Gemma 3's projector
         return "paligemma"
     if model_type in SUPPORTED_MODEL_TYPES:
         return "decoder"
     raise CheckpointError(f"{path / 'config.json'}: model_type {model_type!r} is not supported; supported: "
-                          f"{', '.join((*SUPPORTED_MODEL_TYPES, 'siglip', 'paligemma', 'gemma3'))}")
+                          f"{', '.join((*SUPPORTED_MODEL_TYPES, 'siglip', 'siglip2', 'paligemma', 'gemma3'))}")
 
 
 def load(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_lite.models.text import TextConfig, TextTransformer, relayout_text
-from big_vision_lite.models.vit import ViT, ViTConfig, decode_variant, make_config, relayout_vit
+from big_vision_lite.models.vit import NaFlexImages, ViT, ViTConfig, decode_variant, make_config, relayout_vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ def _l2_normalise(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class TwoTowers(nn.Module):
-    """`__call__(images [B, R, R, 3] | None, tokens [B, T] | None) -> (zimg [B, E] | None, ztxt [B, E] | None, out)`.
+    """`__call__(images [B, R, R, 3] (NaFlex: `NaFlexImages`) | None, tokens [B, T] | None)` -> (zimg [B, E] |
+    None, ztxt [B, E] | None, out).
 
     `out` holds `t` (= exp(t'), shape [1]), `t/parameter` (t'), `b` [1], `img/norm`, `txt/norm` (the norms
     before normalisation) and each tower's intermediates under `img/...` and `txt/...` (see ViT, TextTransformer).
@@ -77,7 +78,7 @@ class TwoTowers(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jax.Array | None = None, tokens: jax.Array | None = None
+        self, images: jax.Array | NaFlexImages | None = None, tokens: jax.Array | None = None
     ) -> tuple[jax.Array | None, jax.Array | None, dict[str, jax.Array]]:
         cfg = self.config
         out: dict[str, jax.Array] = {}
@@ -103,10 +104,16 @@ class TwoTowers(nn.Module):
         return zimg, ztxt, out
 
 
-def dummy_inputs(cfg: TwoTowersConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Zero images [B, R, R, 3] and token ids [B, max_len] of the config's shapes (for init / eval_shape)."""
-    r = cfg.image.image_size
-    return jnp.zeros((batch, r, r, 3), jnp.float32), jnp.zeros((batch, cfg.text.max_len), jnp.int32)
+def dummy_inputs(cfg: TwoTowersConfig, batch: int = 1) -> tuple[jax.Array | NaFlexImages, jax.Array]:
+    """Zero images [B, R, R, 3] (NaFlex: a full G x G grid of zero patches) and token ids [B, max_len] of the
+    config's shapes (for init / eval_shape)."""
+    r, p = cfg.image.image_size, cfg.image.patch_size
+    tokens = jnp.zeros((batch, cfg.text.max_len), jnp.int32)
+    if cfg.image.naflex:
+        side = r // p
+        return NaFlexImages(jnp.zeros((batch, side * side, p * p * 3), jnp.float32),
+                            jnp.full((batch, 2), side, jnp.int32), jnp.ones((batch, side * side), bool)), tokens
+    return jnp.zeros((batch, r, r, 3), jnp.float32), tokens
 
 
 def init_params(module: TwoTowers, rng: jax.Array) -> dict[str, Any]:

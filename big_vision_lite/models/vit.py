@@ -6,6 +6,14 @@ D width, F mlp hidden, N heads, H head dim, L layers, E output (head) width.
     images [B, R, R, 3] in [-1, 1] -> patch conv (kernel = stride = patch size) [B, R/p, R/p, D] -> [B, P, D]
     -> + learned positions [1, P, D] -> L blocks -> encoder_norm -> pool -> optional linear head
 
+NaFlex (SigLIP 2, `naflex=True`): the images come as `NaFlexImages`: patches [B, P, p*p*3] of images of any
+aspect ratio (row-major patches, each flattened row, column, channel), each image's patch grid `spatial_shapes`
+[B, 2] (rows, columns; rows * columns <= P) and `mask` [B, P] (False on padding). The patch embedding is the same
+kernel applied as a matrix; the learned positions, a G x G grid (G = image_size / patch), are resized per image to
+its rows x columns (bilinear with antialiasing, `resize_positions`) and laid out row-major, padding taking the
+first; attention and the MAP head never look at padding patches. P is static: any image shape fills the same
+jitted shapes.
+
 A block is pre-LayerNorm: `x + attn(ln_0(x))`, then `y + mlp(ln_1(y))`; attention and MLP carry biases, the MLP
 is Dense -> tanh-GELU -> Dense, LayerNorm eps is 1e-6 by default. Pooling: "map" (multi-head attention pooling
 with a learned probe: `h = attn(probe, x)`, out `h + mlp(ln(h))`, as HF's SiglipMultiheadAttentionPoolingHead),
@@ -27,7 +35,7 @@ in float32, then cast back.
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -78,6 +86,7 @@ class ViTConfig:
     pool_type: str = "map"  # "map" | "gap" | "none" (tokens)
     head_size: int | None = None
     norm_eps: float = 1e-6
+    naflex: bool = False  # SigLIP 2: variable-resolution patches (`NaFlexImages`); image_size sets the position grid
 
     def __post_init__(self):
         check_encoder_shape("ViTConfig", self.width, self.depth, self.mlp_dim, self.num_heads)
@@ -130,6 +139,37 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
     return make_config(ViTConfig, "ViTConfig", {**decode_variant(variant), **overrides})
 
 
+class NaFlexImages(NamedTuple):
+    """A NaFlex batch (see the module docstring): `patches` [B, P, p*p*3] float, `spatial_shapes` [B, 2] int32
+    (rows, columns of each image's patch grid), `mask` [B, P] bool (True on an image's rows * columns patches)."""
+
+    patches: jax.Array
+    spatial_shapes: jax.Array
+    mask: jax.Array
+
+
+def resize_positions(grid: jax.Array, spatial_shapes: jax.Array, length: int) -> jax.Array:
+    """The G x G position grid [G, G, D] resized to each image's rows x columns (bilinear, antialiased when
+    shrinking: a triangle filter as wide as the scale, normalised) and flattened row-major into `length` slots,
+    padding slots taking the first position: [B, length, D] float32. One matrix per image, so it jits for any
+    shape (`spatial_shapes` [B, 2] may be traced)."""
+    side = grid.shape[0]
+    sizes = spatial_shapes.astype(jnp.float32)[:, None, :]  # [B, 1, 2]
+    slots = jnp.arange(length, dtype=jnp.float32)[None, :, None]  # [1, length, 1]
+    rows = jnp.floor(slots / sizes[..., 1:])
+    index = jnp.concatenate([rows, slots - rows * sizes[..., 1:]], axis=-1)  # [B, length, 2] (row, column)
+    index = index * (slots < sizes.prod(-1, keepdims=True))  # padding: position (0, 0)
+    scale = side / sizes  # [B, 1, 2]: source cells per output cell, per axis
+    support = jnp.maximum(scale, 1.0)
+    center = (index + 0.5) * scale - 0.5  # [B, length, 2] in source coordinates
+    source = jnp.arange(side, dtype=jnp.float32)
+    weights = jnp.maximum(1 - jnp.abs(source - center[..., None]) / support[..., None], 0)  # [B, length, 2, G]
+    weights = weights / weights.sum(-1, keepdims=True)
+    both = weights[..., 0, :, None] * weights[..., 1, None, :]  # [B, length, G, G]
+    flat = grid.reshape(side * side, -1).astype(jnp.float32)
+    return both.reshape(*both.shape[:2], side * side) @ flat  # [B, length, D]
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 
@@ -151,14 +191,15 @@ class MlpBlock(nn.Module):
 
 class MultiHeadAttention(nn.Module):
     """Bidirectional multi-head attention with biases; queries from `xq` [B, T, D], keys and values from `xkv`
-    [B, S, D]. Logits and softmax in float32. Param names and shapes follow flax's MultiHeadDotProductAttention."""
+    [B, S, D], keys outside `key_mask` [B, S] (if given) never attended. Logits and softmax in float32. Param names
+    and shapes follow flax's MultiHeadDotProductAttention."""
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, xq: jax.Array, xkv: jax.Array) -> jax.Array:
+    def __call__(self, xq: jax.Array, xkv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         d = xq.shape[-1]
         n = self.num_heads
         h = d // n
@@ -167,6 +208,8 @@ class MultiHeadAttention(nn.Module):
         k = nn.DenseGeneral((n, h), name="key", **kw)(xkv)  # [B, S, N, H]
         v = nn.DenseGeneral((n, h), name="value", **kw)(xkv)  # [B, S, N, H]
         logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, N, T, S]
         y = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
         return nn.DenseGeneral(d, axis=(-2, -1), name="out", **kw)(y)  # [B, T, D]
@@ -183,10 +226,10 @@ class EncoderBlock(nn.Module):
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(x)
-        y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, y)
+        y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, y, key_mask)
         x = x + y
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_1")(x)
         x = x + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y)
@@ -208,17 +251,19 @@ class Encoder(nn.Module):
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`key_mask` [B, T]: tokens the others may attend to (None: all)."""
         block = remat(EncoderBlock, self.remat_policy, self.scan_layers)
         kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                   norm_eps=self.norm_eps, return_hidden=self.return_hidden)
         if self.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
-            x, hidden = scanned(**kw, name="encoderblock")(x)  # hidden [L, B, T, D] or None
+            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth,
+                              in_axes=nn.broadcast)
+            x, hidden = scanned(**kw, name="encoderblock")(x, key_mask)  # hidden [L, B, T, D] or None
         else:
             outs = []
             for i in range(self.depth):
-                x, h = block(**kw, name=f"encoderblock_{i}")(x)
+                x, h = block(**kw, name=f"encoderblock_{i}")(x, key_mask)
                 outs.append(h)
             hidden = jnp.stack(outs) if self.return_hidden else None
         assert x.dtype == self.dtype, (x.dtype, self.dtype)  # a silent upcast would double activation memory
@@ -238,12 +283,12 @@ class MAPHead(nn.Module):
     norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         b, _, d = x.shape
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))  # [B, 1, D]
-        h = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(probe, x)
+        h = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(probe, x, key_mask)
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(h)
         h = h + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y)  # [B, 1, D]
         return h[:, 0]  # [B, D]
@@ -271,31 +316,49 @@ class ViT(nn.Module):
     return_hidden: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, images: jax.Array | NaFlexImages) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         r, p = cfg.image_size, cfg.patch_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (r, r, 3):
-            raise ValueError(f"images have shape {tuple(images.shape)}; this ViT expects [B, {r}, {r}, 3] "
-                             f"(image_size {r}, channels last)")
         dtype, param_dtype = as_dtype(self.dtype), as_dtype(self.param_dtype)
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         out: dict[str, jax.Array] = {}
-        x = out["stem"] = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", **dtypes,
-                                  name="embedding")(images.astype(dtype))  # [B, R/p, R/p, D]
-        b, gh, gw, d = x.shape
-        x = jnp.reshape(x, (b, gh * gw, d))  # [B, P, D], row-major over the patch grid (as HF's flatten(2))
-        pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, gh * gw, d),
+        d, side = cfg.width, r // p
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, side * side, d),
                          param_dtype)
-        x = out["with_posemb"] = x + pos.astype(dtype)
+        key_mask = None
+        if cfg.naflex:
+            if not isinstance(images, NaFlexImages) or images.patches.ndim != 3 or images.patches.shape[2] != p * p * 3:
+                raise ValueError(f"a NaFlex ViT takes NaFlexImages with patches [B, P, {p * p * 3}] (patch {p}, 3 "
+                                 f"channels), got {type(images).__name__}")
+            b, n, _ = images.patches.shape
+            patches = images.patches.astype(dtype).reshape(b, n, p, p, 3)  # each patch's rows, columns, channels
+            # The convolution's kernel [p, p, 3, D] as a matrix over each patch: the same parameters.
+            x = out["stem"] = nn.DenseGeneral(d, axis=(-3, -2, -1), **dtypes, name="embedding")(patches)
+            positions = resize_positions(pos[0].reshape(side, side, d), images.spatial_shapes, x.shape[1])
+            key_mask = images.mask.astype(bool)
+        else:
+            if images.ndim != 4 or tuple(images.shape[1:]) != (r, r, 3):
+                raise ValueError(f"images have shape {tuple(images.shape)}; this ViT expects [B, {r}, {r}, 3] "
+                                 f"(image_size {r}, channels last)")
+            x = out["stem"] = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", **dtypes,
+                                      name="embedding")(images.astype(dtype))  # [B, R/p, R/p, D]
+            b, gh, gw, _ = x.shape
+            x = jnp.reshape(x, (b, gh * gw, d))  # [B, P, D], row-major over the patch grid (as HF's flatten(2))
+            positions = pos
+        x = out["with_posemb"] = x + positions.astype(dtype)
 
-        x, enc = tower_encoder(self, cfg, "Transformer")(x)
+        x, enc = tower_encoder(self, cfg, "Transformer")(x, key_mask)
         out |= enc
         out["encoded"] = x  # [B, P, D]
 
         if cfg.pool_type == "map":
-            x = MAPHead(cfg.num_heads, cfg.mlp_dim, **dtypes, norm_eps=cfg.norm_eps, name="MAPHead_0")(x)  # [B, D]
-        elif cfg.pool_type == "gap":
+            map_head = MAPHead(cfg.num_heads, cfg.mlp_dim, **dtypes, norm_eps=cfg.norm_eps, name="MAPHead_0")
+            x = map_head(x, key_mask)  # [B, D]
+        elif cfg.pool_type == "gap" and key_mask is None:
             x = jnp.mean(x.astype(jnp.float32), axis=1).astype(dtype)  # [B, D]
+        elif cfg.pool_type == "gap":  # the mean of each image's own patches
+            weights = key_mask.astype(jnp.float32)[..., None]  # [B, P, 1]
+            x = ((x.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(dtype)  # [B, D]
         out["pre_logits"] = x
         if cfg.head_size is not None:
             x = out["logits"] = nn.Dense(cfg.head_size, **dtypes, name="head")(x)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite.checkpoints import Loaded
-from big_vision_lite.models.vit import ViT
+from big_vision_lite.models.vit import NaFlexImages, ViT, ViTConfig
 from big_vision_lite.parity import torch_side
 from big_vision_lite.parity.golden import ReferenceSide
 from big_vision_lite.parity.report import compare_stages
@@ -33,27 +33,52 @@ NO_HEAD_NOTE = ("vision_use_head is false: transformers' SiglipModel.forward can
                 "image side is compared up to the final-normed tokens and there are no logits or loss")
 
 
-def siglip_parity_batch(image_size: int, vocab_size: int, seq_len: int, batch: int = 3,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic images [B, R, R, 3] float32 in [-1, 1] and token ids [B, T] int32."""
+# NaFlex batches: each row's patch grid (rows, columns), cycled over the batch; wider, taller and squarer than the
+# position grid, so the resize both shrinks and stretches, and every row but the first is padded.
+NAFLEX_SHAPES = ((4, 5), (2, 8), (3, 5), (1, 12))
+
+
+def siglip_parity_batch(image: ViTConfig, vocab_size: int, seq_len: int, batch: int = 3,
+                        seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Deterministic image inputs and token ids [B, T] int32. Images: {"images": [B, R, R, 3]} float32 in [-1, 1];
+    NaFlex: {"patches": [B, P, p*p*3] (zeros on padding), "spatial_shapes": [B, 2], "mask": [B, P]} with P the
+    largest grid of `NAFLEX_SHAPES` (at least the position grid's count)."""
     rng = np.random.default_rng(seed)
-    images = rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, 3)).astype(np.float32)
     tokens = rng.integers(0, vocab_size, size=(batch, seq_len)).astype(np.int32)
-    return images, tokens
+    if not image.naflex:
+        r = image.image_size
+        return {"images": rng.uniform(-1.0, 1.0, size=(batch, r, r, 3)).astype(np.float32)}, tokens
+    shapes = np.array([NAFLEX_SHAPES[i % len(NAFLEX_SHAPES)] for i in range(batch)], np.int32)
+    length = max(int(shapes.prod(1).max()), image.num_patches)
+    mask = np.arange(length)[None, :] < shapes.prod(1)[:, None]
+    patches = rng.uniform(-1.0, 1.0, size=(batch, length, image.patch_size ** 2 * 3)).astype(np.float32)
+    return {"patches": patches * mask[..., None], "spatial_shapes": shapes, "mask": mask}, tokens
 
 
-def _reference_forward(model: Any, images: np.ndarray, tokens: np.ndarray, use_head: bool) -> dict[str, np.ndarray]:
+def _pixel_inputs(model: Any, images: dict[str, np.ndarray]) -> dict[str, Any]:
+    """transformers' image arguments: pixel_values [B, 3, R, R], or SigLIP 2's patches, mask and shapes."""
+    import torch
+
+    if "images" in images:
+        return {"pixel_values": torch_side.pixels_nchw(images["images"], model.dtype)}
+    return {"pixel_values": torch.from_numpy(images["patches"]).to(model.dtype),
+            "pixel_attention_mask": torch_side.long_tensor(images["mask"]),
+            "spatial_shapes": torch_side.long_tensor(images["spatial_shapes"])}
+
+
+def _reference_forward(model: Any, images: dict[str, np.ndarray], tokens: np.ndarray,
+                       use_head: bool) -> dict[str, np.ndarray]:
     """Reference activations (float32 numpy) of both towers, and with the MAP head the logits and loss."""
     import torch
 
-    pixels, ids = torch_side.pixels_nchw(images, model.dtype), torch_side.long_tensor(tokens)
+    pixels, ids = _pixel_inputs(model, images), torch_side.long_tensor(tokens)
     ref: dict[str, Any] = {}
     with torch.no_grad():
         if use_head:
-            out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+            out = model(input_ids=ids, **pixels, output_hidden_states=True)
             vision, text = out.vision_model_output, out.text_model_output
         else:  # SiglipModel.forward needs a pooled image; run the towers on their own
-            vision = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+            vision = model.vision_model(**pixels, output_hidden_states=True)
             text = model.text_model(input_ids=ids, output_hidden_states=True)
         for prefix, tower in (("img", vision), ("txt", text)):
             ref[f"{prefix}/embeddings"] = tower.hidden_states[0]
@@ -73,15 +98,17 @@ def _reference_forward(model: Any, images: np.ndarray, tokens: np.ndarray, use_h
     return torch_side.to_numpy(ref)
 
 
-def _our_forward(loaded: Loaded, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+def _our_forward(loaded: Loaded, image_inputs: dict[str, np.ndarray], tokens: np.ndarray) -> dict[str, np.ndarray]:
     module, params = loaded.module, loaded.params
     cfg = module.config
     use_head = cfg.image.pool_type == "map"
+    images = (jnp.asarray(image_inputs["images"]) if "images" in image_inputs else
+              NaFlexImages(*(jnp.asarray(image_inputs[k]) for k in ("patches", "spatial_shapes", "mask"))))
     apply = jax.jit(lambda p, i, t: module.apply({"params": p}, i, t))
-    zimg, ztxt, out = apply(params, jnp.asarray(images) if use_head else None, jnp.asarray(tokens))
+    zimg, ztxt, out = apply(params, images if use_head else None, jnp.asarray(tokens))
     if not use_head:  # the tokens-only ViT on its own (TwoTowers refuses token outputs)
         vit = ViT(cfg.image, **module.tower_settings())
-        _, img_out = jax.jit(lambda p, i: vit.apply({"params": p}, i))(params["img"], jnp.asarray(images))
+        _, img_out = jax.jit(lambda p, i: vit.apply({"params": p}, i))(params["img"], images)
         out |= {f"img/{k}": v for k, v in img_out.items()}
 
     ours: dict[str, Any] = {}
@@ -107,8 +134,8 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
         raise ValueError(f"batch must be >= 2 (the loss needs negatives), got {batch}")
     cfg = loaded.config
     use_head = cfg.image.pool_type == "map"
-    images, tokens = siglip_parity_batch(cfg.image.image_size, cfg.text.vocab_size, cfg.text.max_len, batch, seed)
-    inputs = {"images": images, "tokens": tokens}
+    images, tokens = siglip_parity_batch(cfg.image, cfg.text.vocab_size, cfg.text.max_len, batch, seed)
+    inputs = {**images, "tokens": tokens}
     with watch("forward_reference"):
         ref = reference.run("forward", inputs, lambda: _reference_forward(reference.model, images, tokens, use_head))
     with watch("forward_truth"):
@@ -124,7 +151,15 @@ def compare(loaded: Loaded, reference: ReferenceSide, watch: Stopwatch, toleranc
         stages = ["embeddings", *[f"layer_{i}" for i in range(depth)], "encoded", "pooled", "normalized"]
         names += [f"{prefix}/{s}" for s in stages if f"{prefix}/{s}" in ref]
     names += [n for n in ("logits_per_image", "loss") if n in ref]
-    per_row = [compare_stages([n], ours, ref, truth, np.ones(ref[n].shape[0], bool)) for n in names]
-    return {"model_type": "siglip", "layers": [e for errors, _ in per_row for e in errors],
+    patches = images.get("mask")  # NaFlex: the image tokens compared are the real patches
+
+    def valid(name: str) -> np.ndarray:
+        if patches is not None and ref[name].ndim == 3 and name.startswith("img/"):
+            return patches
+        return np.ones(ref[name].shape[0], bool)
+
+    per_row = [compare_stages([n], ours, ref, truth, valid(n)) for n in names]
+    return {"model_type": "siglip2" if cfg.image.naflex else "siglip",
+            "layers": [e for errors, _ in per_row for e in errors],
             "truth": [t for _, truth_errors in per_row for t in truth_errors], "greedy_ours": None, "greedy_ref": None,
             "notes": [] if use_head else [NO_HEAD_NOTE]}

@@ -16,7 +16,7 @@ from big_vision_lite.checkpoints.packaged import is_packaged_name, packaged_gguf
 from big_vision_lite.utils.dtypes import dtype_name
 
 # The transformers class of each model kind (`checkpoints.KINDS`).
-REFERENCE_CLASSES = {"decoder": "AutoModelForCausalLM", "siglip": "SiglipModel",
+REFERENCE_CLASSES = {"decoder": "AutoModelForCausalLM", "siglip": "AutoModel",  # SiglipModel or Siglip2Model
                      "paligemma": "AutoModelForImageTextToText"}  # PaliGemma or Gemma 3 with vision
 
 
