@@ -16,13 +16,16 @@ def _meta_model(preset):
         Gemma3ForConditionalGeneration,
         PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
+        Siglip2Config,
+        Siglip2Model,
         SiglipConfig,
         SiglipModel,
     )
 
     config_class, model_class = {"paligemma": (PaliGemmaConfig, PaliGemmaForConditionalGeneration),
                                  "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
-                                 "siglip": (SiglipConfig, SiglipModel)}[preset.hf_config["model_type"]]
+                                 "siglip": (SiglipConfig, SiglipModel),
+                                 "siglip2": (Siglip2Config, Siglip2Model)}[preset.hf_config["model_type"]]
     fields = {k: v for k, v in preset.hf_config.items() if k != "model_type"}
     with torch.device("meta"):
         return model_class(config_class(**fields))

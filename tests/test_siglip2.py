@@ -104,3 +104,57 @@ def test_errors_name_the_field(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"takes NaFlexImages with patches \[B, P, 48\]"):
         loaded = load(tiny["map"])
         loaded.module.apply({"params": loaded.params}, jnp.zeros((1, 16, 16, 3)), None)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+
+
+def _images():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # RGB only: transformers' Siglip2 image processor converts no other mode (ours does, as for SigLIP).
+    return [Image.fromarray((rng.random((20, 160, 3)) * 255).astype(np.uint8)),  # 1:8
+            Image.fromarray((rng.random((160, 20, 3)) * 255).astype(np.uint8)),  # 8:1
+            Image.fromarray((rng.random((7, 5, 3)) * 255).astype(np.uint8)),  # tiny
+            (rng.random((64, 48, 3)) * 255).astype(np.uint8)]  # an array
+
+
+def test_processor_equals_transformers(converted):
+    from transformers import AutoTokenizer, Siglip2ImageProcessorPil, Siglip2Processor
+
+    from big_vision_lite.checkpoints.tokenizer import load_tokenizer
+    from big_vision_lite.data.naflex import NaFlexProcessor
+
+    folder = converted("gemma3-270m")[1]
+    theirs = Siglip2Processor(image_processor=Siglip2ImageProcessorPil(patch_size=4, max_num_patches=20),
+                              tokenizer=AutoTokenizer.from_pretrained(folder))
+    texts = ["a photo of a cat", "", "two dogs " * 30, "grey."]  # lowercase: this tokenizer does not lowercase
+    # Siglip2Processor passes its own defaults (256 patches of 16) unless told.
+    expected = theirs(images=_images(), text=texts, max_length=16, max_num_patches=20, patch_size=4,
+                      return_tensors="np")
+    ours = NaFlexProcessor(patch_size=4, max_num_patches=20, tokenizer=load_tokenizer(folder), max_len=16)
+    batch = ours(_images(), texts)
+    images = batch["images"]
+    np.testing.assert_array_equal(images.patches, expected["pixel_values"])
+    np.testing.assert_array_equal(images.spatial_shapes, expected["spatial_shapes"])
+    np.testing.assert_array_equal(images.mask, expected["pixel_attention_mask"].astype(bool))
+    np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
+    assert images.spatial_shapes.tolist() == [[2, 10], [10, 2], [5, 4], [5, 4]]
+    np.testing.assert_array_equal(ours.tokenize(["GREY."]), ours.tokenize(["grey."]))  # SigLIP 2 lowercases
+
+
+def test_processor_errors_name_the_image_and_the_numbers():
+    from big_vision_lite.data.naflex import NaFlexProcessor
+
+    proc = NaFlexProcessor(patch_size=4, max_num_patches=20)
+    with pytest.raises(ValueError, match="image 1: empty image, size 0x5"):
+        proc.process_images([_images()[0], np.zeros((5, 0, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"image 0: a grid of 5 x 5 patches asked for; it must hold 1 to "
+                                         r"max_num_patches 20"):
+        proc.process_images(_images()[:1], grids=[(5, 5)])
+    assert proc.process_images(_images()[:1], grids=[(4, 5)]).spatial_shapes.tolist() == [[4, 5]]
+    with pytest.raises(ValueError, match="max_num_patches 0"):
+        NaFlexProcessor(patch_size=4, max_num_patches=0)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        proc.tokenize(["a"])

@@ -45,6 +45,8 @@ _PUBLISHED = {
     "paligemma2-28b-224": 27_650_192_112, "paligemma2-28b-448": 27_650_192_112,
     "paligemma2-28b-896": 27_650_192_112,
     "siglip-so400m-14-224": 877_360_578, "siglip-so400m-14-384": 877_961_291,
+    # keras-hub's fixed-resolution SigLIP 2 at 256 px: the NaFlex models' tensors (a 16 x 16 position grid).
+    "siglip2-so400m-16-naflex": 1_135_671_282, "siglip2-b-16-naflex": 375_234_370,
     "gemma3-4b": 4_299_915_632, "gemma3-12b": 12_187_079_280, "gemma3-27b": 27_432_062_576,
 }
 # Gemma 3's decoders: five sliding (1024-token window, RoPE base 10k) layers per global one (base 1M, linear x8).
@@ -97,6 +99,14 @@ def _gemma3(size: str) -> Preset:
     return Preset(f"gemma3-{size}", "paligemma", hf, _PUBLISHED[f"gemma3-{size}"])
 
 
+def _siglip2_naflex(name: str, sizes: Mapping[str, int]) -> Preset:
+    """SigLIP 2 NaFlex: a 16 x 16 position grid of 16-px patches, Gemma's 256000-token vocabulary, 64 text tokens."""
+    hf = {"model_type": "siglip2", "vision_config": dict(sizes, patch_size=16, num_patches=256),
+          "text_config": dict(sizes, vocab_size=256000, max_position_embeddings=64,
+                              projection_size=sizes["hidden_size"])}
+    return Preset(name, "siglip", hf, _PUBLISHED[name])
+
+
 def _siglip(name: str, image_size: int, text_len: int) -> Preset:
     hf = {"model_type": "siglip", "vision_config": dict(_SO400M, patch_size=14, image_size=image_size),
           "text_config": dict(_SO400M, vocab_size=32000, max_position_embeddings=text_len, projection_size=1152)}
@@ -110,6 +120,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     *(_gemma3(size) for size in _GEMMA3_SIZES),
     _siglip("siglip-so400m-14-224", 224, 16),
     _siglip("siglip-so400m-14-384", 384, 64),
+    _siglip2_naflex("siglip2-so400m-16-naflex", _SO400M),
+    _siglip2_naflex("siglip2-b-16-naflex", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                 num_attention_heads=12)),
 ]}
 
 

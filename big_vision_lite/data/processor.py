@@ -261,10 +261,10 @@ class PaliGemmaProcessor:
         return out
 
 
-def resize_rgb(image: ImageLike, size: int, *, index: int = 0,
+def resize_rgb(image: ImageLike, size: int | tuple[int, int], *, index: int = 0,
                resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
-    """uint8 [size, size, 3]: `image` in RGB, resized with PIL `resample` (bicubic: SigLIP's and PaliGemma's
-    processors; Gemma 3's is bilinear).
+    """uint8 [H, W, 3]: `image` in RGB, resized to `size` (a side, or (H, W)) with PIL `resample` (bicubic:
+    SigLIP's and PaliGemma's processors; Gemma 3's and SigLIP 2's are bilinear).
 
     PIL images of any mode are converted as transformers does: modes with alpha (and palettes with a
     transparent colour) are composited onto white, the rest go through `Image.convert("RGB")`. Arrays are
@@ -279,7 +279,8 @@ def resize_rgb(image: ImageLike, size: int, *, index: int = 0,
         rgb = Image.fromarray(_array_to_rgb(image, index))
     else:
         raise ValueError(f"image {index}: expected a PIL image or a numpy array, got {type(image).__name__}")
-    return np.asarray(rgb.resize((size, size), resample))
+    height, width = (size, size) if isinstance(size, int) else size
+    return np.asarray(rgb.resize((width, height), resample))
 
 
 def normalize_pixels(rgb: np.ndarray) -> np.ndarray:
