@@ -158,3 +158,33 @@ def test_processor_errors_name_the_image_and_the_numbers():
         NaFlexProcessor(patch_size=4, max_num_patches=0)
     with pytest.raises(ValueError, match="no tokenizer"):
         proc.tokenize(["a"])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_naflex_training_runs_exports_to_siglip2_and_matches_transformers(tmp_path):
+    """The shared loop and sigmoid loss train a NaFlex tower unchanged; the run exports as an HF Siglip2Model
+    folder that transformers computes the same on (mixed aspect ratios, padding)."""
+    from big_vision_lite.train.config import load_config
+    from big_vision_lite.train.loop import train
+
+    config = load_config("siglip2_shapes:smoke")
+    result = train(config, tmp_path / "run", progress=False)
+    assert {"eval/i2t_top1", "eval/t2i_top1"} <= set(result.final_eval), result
+    loaded = load(tmp_path / "run")
+    assert loaded.kind == "siglip" and loaded.config.image.naflex and loaded.config.image.num_patches == 16
+    convert(str(tmp_path / "run"), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "siglip2"
+    report = parity.run_parity(str(tmp_path / "hf"))
+    assert report.model_type == "siglip2" and report.ok, report.table()
+
+
+def test_grids_beyond_max_num_patches_are_refused(tmp_path):
+    from big_vision_lite.train.config import apply_overrides, load_config
+    from big_vision_lite.train.loop import train
+
+    config = apply_overrides(load_config("siglip2_shapes:smoke"), ["naflex.grids=((4, 4), (5, 5))"])
+    with pytest.raises(ValueError, match=r"config.naflex.grids .*must hold 1 to config.naflex.max_num_patches 16"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

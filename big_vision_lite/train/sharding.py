@@ -100,12 +100,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh; the batch size must be a multiple of the device count."""
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (arrays, or pytrees of them such as NaFlex images) on the mesh; the batch size must be a
+    multiple of the device count."""
     devices = mesh.devices.size
-    for key, value in batch.items():
+    for path, value in jax.tree_util.tree_leaves_with_path(batch):
         if np.shape(value)[0] % devices:
-            raise ValueError(f"batch[{key!r}] has {np.shape(value)[0]} rows, not a multiple of the {devices} devices")
+            raise ValueError(f"batch{jax.tree_util.keystr(path)} has {np.shape(value)[0]} rows, not a multiple of "
+                             f"the {devices} devices")
     return jax.device_put(batch, batch_sharding(mesh))
 
 

@@ -7,6 +7,9 @@ Axis letters: B global batch, A accumulation micro-batches, E embedding width, S
   each with a held-out evaluation source.
 * Tokenizer: `config.text.tokenizer` (a folder or file `load_tokenizer` reads) or, when None, a subword tokenizer
   trained on the captions; either way it is saved in `DIR/tokenizer` and reused on resume.
+* NaFlex (SigLIP 2, `config.model.image.naflex`): every image is drawn again at one of `config.naflex.grids`
+  (patch rows x columns, all within `config.naflex.max_num_patches`): training examples at a grid drawn per step,
+  evaluation examples at grid `i % len(grids)`, so each aspect ratio is trained and scored.
 * Loss: `config.loss.impl` = dense, blocked (one device, O(B x block) memory) or ring (shard_map over the mesh).
 * Gradient accumulation (`config.accum_steps` > 1) is exact: the loss couples every pair in the batch, so the
   embeddings of all micro-batches are computed first (no gradient), the loss and its gradient w.r.t. the
@@ -28,9 +31,11 @@ from jax.sharding import Mesh
 
 from big_vision_lite.checkpoints.run import RunInfo
 from big_vision_lite.checkpoints.tokenizer import Tokenizer
+from big_vision_lite.data.naflex import NaFlexProcessor
 from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.losses import sigmoid_loss
 from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers_config
+from big_vision_lite.models.vit import NaFlexImages
 from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import BATCH_AXES, constrain_batch
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
@@ -71,6 +76,14 @@ class SiglipTask:
                                  param_dtype=dtype_name(self.model.param_dtype), scan_layers=self.model.scan_layers,
                                  remat_policy=self.model.remat_policy)
         _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
+        self.naflex, self.grids = None, [(0, 0)]
+        if self.model.config.image.naflex:
+            limit = config.naflex.max_num_patches
+            self.naflex = NaFlexProcessor(patch_size=self.model.config.image.patch_size, max_num_patches=limit)
+            self.grids = [tuple(g) for g in config.naflex.grids]
+            if not self.grids or any(len(g) != 2 or min(g) < 1 or g[0] * g[1] > limit for g in self.grids):
+                raise ValueError(f"config.naflex.grids {self.grids}: each (rows, columns) must hold 1 to "
+                                 f"config.naflex.max_num_patches {limit} patches")
         self._loader = None
         self._embed = jax.jit(self._embed_both)
 
@@ -85,8 +98,9 @@ class SiglipTask:
             self.train_source, batch_size=self.config.batch_size, image_size=data.image_size,
             tokenizer=self.tokenizer, max_len=self.config.text.max_len, seed=self.config.seed,
             start_step=start_step, worker_count=data.workers)
-        for batch in self._loader:
-            yield {"image": batch["image"], "text": batch["text"]}
+        for step, batch in enumerate(self._loader, start_step):
+            picks = np.random.default_rng([self.config.seed, step]).integers(len(self.grids), size=len(batch["text"]))
+            yield {"image": self._images(batch["image"], picks), "text": batch["text"]}
 
     def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
@@ -117,13 +131,22 @@ class SiglipTask:
 
     # -- internals --------------------------------------------------------------------------------------------
 
+    def _images(self, images: np.ndarray, picks: np.ndarray) -> np.ndarray | NaFlexImages:
+        """The model's image input: the square images [B, S, S, 3] in [-1, 1] as they are, or (NaFlex) each drawn
+        again at grid `self.grids[picks[i]]`."""
+        if self.naflex is None:
+            return images
+        unit = (np.asarray(images, np.float32) + 1) / 2  # [0, 1], what the processor takes
+        return self.naflex.process_images(list(np.clip(unit, 0, 1)), [self.grids[i] for i in picks])
+
     def embed_source(self, params: Any, source: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(zimg [N, E], ztxt [N, E], captions) of every readable example of `source`."""
         zimg, ztxt, captions = [], [], []
         for batch in make_eval_batches(source, batch_size=self.config.batch_size,
                                        image_size=self.config.data.image_size, tokenizer=self.tokenizer,
                                        max_len=self.config.text.max_len):
-            zi, zt = self._embed(params, batch["image"], batch["text"])
+            picks = np.maximum(np.asarray(batch["index"]), 0) % len(self.grids)
+            zi, zt = self._embed(params, self._images(batch["image"], picks), batch["text"])
             keep = np.asarray(batch["mask"], bool)
             zimg.append(np.asarray(zi)[keep])
             ztxt.append(np.asarray(zt)[keep])
