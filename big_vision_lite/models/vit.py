@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision_lite.models.attention import BIG_NEG
 from big_vision_lite.models.layers import LayerNorm, remat
 from big_vision_lite.utils.dtypes import as_dtype
 
@@ -209,7 +210,7 @@ class MultiHeadAttention(nn.Module):
         v = nn.DenseGeneral((n, h), name="value", **kw)(xkv)  # [B, S, N, H]
         logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
         if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(key_mask[:, None, None, :], logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, N, T, S]
         y = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
         return nn.DenseGeneral(d, axis=(-2, -1), name="out", **kw)(y)  # [B, T, D]
@@ -303,8 +304,9 @@ def tower_encoder(tower: nn.Module, cfg: Any, name: str) -> Encoder:
 
 
 class ViT(nn.Module):
-    """`__call__(images [B, R, R, 3] in [-1, 1]) -> (x, out)`: x is [B, E] pooled (or [B, P, E] tokens with
-    pool_type "none"), E = head_size or D. `out`: `stem` [B, R/p, R/p, D], `with_posemb` [B, P, D], `pre_ln`,
+    """`__call__(images [B, R, R, 3] in [-1, 1], or `NaFlexImages` with `naflex`) -> (x, out)`: x is [B, E] pooled
+    (or [B, P, E] tokens with pool_type "none"), E = head_size or D. `out`: `stem` [B, R/p, R/p, D] ([B, P, D] for
+    NaFlex), `with_posemb` [B, P, D], `pre_ln`,
     `encoded` [B, P, D] (after encoder_norm), `pre_logits` (pooled, before the head), `logits` (after the head,
     when there is one) and, with `return_hidden`, `blocks` [L, B, P, D]. Settings: see the module docstring."""
 
