@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -412,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of our output left (`bvl models | head`): nothing is wrong with the input
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  Python flushes stdout again at exit; give it a sink
+        return 1
     except (ValueError, ImportError, OSError) as e:  # input errors and unusable paths: one line, no traceback
         print(f"bvl: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -211,7 +211,7 @@ def test_config_names_are_packaged_configs_and_paths_must_exist(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert load_config("siglip_shapes:smoke").total_steps == 6
     with pytest.raises(ConfigError, match=r"unknown config 'siglip_shape': packaged configs are "
-                                          r"paligemma_shapes_caption, siglip_shapes"):
+                                          r"paligemma_shapes_caption, siglip2_shapes, siglip_shapes"):
         load_config("siglip_shape")
     with pytest.raises(ConfigError, match=r"configs/siglip_shapes\.py does not exist"):
         load_config("configs/siglip_shapes.py")  # the old repository path: not silently the packaged one
