@@ -47,6 +47,18 @@ def build_tiny_hf(family: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def spread_siglip_weights(model) -> None:
+    """Weights of a tiny SigLIP (1 or 2) far from their init: LayerNorm scales near 1, everything else wide."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3 if ("norm" in name or name.startswith("logit")) else 0.2)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_hf")

@@ -29,6 +29,8 @@ from big_vision_lite.models.vit import VARIANTS, ViT, ViTConfig, vit_config
 from big_vision_lite.parity import run_parity
 from big_vision_lite.parity.siglip import siglip_parity_batch
 
+from conftest import spread_siglip_weights
+
 # Text and vision widths differ on purpose (the text head projects 48 -> 32, the vision width).
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
                    patch_size=4)
@@ -46,12 +48,7 @@ def build_tiny_siglip(folder: Path, use_head: bool = True, seed: int = 0, image_
     config = SiglipConfig(text_config=TINY_TEXT, vision_config=vision)
     torch.manual_seed(seed)
     model = SiglipModel(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3 if ("norm" in name or name.startswith("logit")) else 0.2)
+    spread_siglip_weights(model)
     model.save_pretrained(folder)
     return folder
 

@@ -14,6 +14,8 @@ from big_vision_lite.checkpoints import CheckpointError, load
 from big_vision_lite.convert import convert
 from big_vision_lite.models.vit import resize_positions
 
+from conftest import spread_siglip_weights
+
 TEXT = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=8, projection_size=32, pad_token_id=1, bos_token_id=None, eos_token_id=1)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_patches=16,
@@ -27,12 +29,7 @@ def build_tiny_siglip2(folder: Path, use_head: bool = True, seed: int = 0) -> Pa
     config = Siglip2Config(text_config=TEXT, vision_config={**VISION, "vision_use_head": use_head})
     torch.manual_seed(seed)
     model = Siglip2Model(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3 if ("norm" in name or name.startswith("logit")) else 0.2)
+    spread_siglip_weights(model)
     model.save_pretrained(folder)
     return folder
 

@@ -76,7 +76,7 @@ class SiglipTask:
                                  param_dtype=dtype_name(self.model.param_dtype), scan_layers=self.model.scan_layers,
                                  remat_policy=self.model.remat_policy)
         _warn_if_truncated(self.tokenizer, self.train_source.captions()[:2000], config.text.max_len)
-        self.naflex, self.grids = None, [(0, 0)]
+        self.naflex, self.grids = None, []
         if self.model.config.image.naflex:
             limit = config.naflex.max_num_patches
             self.naflex = NaFlexProcessor(patch_size=self.model.config.image.patch_size, max_num_patches=limit)
@@ -99,8 +99,11 @@ class SiglipTask:
             tokenizer=self.tokenizer, max_len=self.config.text.max_len, seed=self.config.seed,
             start_step=start_step, worker_count=data.workers)
         for step, batch in enumerate(self._loader, start_step):
-            picks = np.random.default_rng([self.config.seed, step]).integers(len(self.grids), size=len(batch["text"]))
-            yield {"image": self._images(batch["image"], picks), "text": batch["text"]}
+            images = batch["image"]
+            if self.naflex is not None:
+                picks = np.random.default_rng([self.config.seed, step]).integers(len(self.grids), size=len(images))
+                images = self._naflex_images(images, picks)
+            yield {"image": images, "text": batch["text"]}
 
     def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
@@ -131,11 +134,8 @@ class SiglipTask:
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _images(self, images: np.ndarray, picks: np.ndarray) -> np.ndarray | NaFlexImages:
-        """The model's image input: the square images [B, S, S, 3] in [-1, 1] as they are, or (NaFlex) each drawn
-        again at grid `self.grids[picks[i]]`."""
-        if self.naflex is None:
-            return images
+    def _naflex_images(self, images: np.ndarray, picks: np.ndarray) -> NaFlexImages:
+        """The square images [B, S, S, 3] in [-1, 1], each drawn again at grid `self.grids[picks[i]]`."""
         unit = (np.asarray(images, np.float32) + 1) / 2  # [0, 1], what the processor takes
         return self.naflex.process_images(list(np.clip(unit, 0, 1)), [self.grids[i] for i in picks])
 
@@ -145,8 +145,10 @@ class SiglipTask:
         for batch in make_eval_batches(source, batch_size=self.config.batch_size,
                                        image_size=self.config.data.image_size, tokenizer=self.tokenizer,
                                        max_len=self.config.text.max_len):
-            picks = np.maximum(np.asarray(batch["index"]), 0) % len(self.grids)
-            zi, zt = self._embed(params, self._images(batch["image"], picks), batch["text"])
+            images = batch["image"]
+            if self.naflex is not None:  # example i at grid i mod len(grids): every grid is scored
+                images = self._naflex_images(images, np.maximum(np.asarray(batch["index"]), 0) % len(self.grids))
+            zi, zt = self._embed(params, images, batch["text"])
             keep = np.asarray(batch["mask"], bool)
             zimg.append(np.asarray(zi)[keep])
             ztxt.append(np.asarray(zt)[keep])
