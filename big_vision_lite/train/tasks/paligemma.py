@@ -128,6 +128,20 @@ def caption_eval_sources(data: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"eval/": held_out}
 
 
+def caption_loss(model: PaliGemma, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(mean cross-entropy of the suffix tokens, their greedy accuracy) of one batch: `input_ids`, `input_mask`,
+    `mask_ar`, `loss_mask` [B, T] and `image` [B, R, R, 3]. The training step and `bvl plan` both take it."""
+    mask = batch["input_mask"]
+    logits, _, _ = model.apply({"params": params}, batch["input_ids"], positions_from_mask(mask),
+                               prefix_lm_mask(mask, batch["mask_ar"]), images=batch["image"])  # [B, T, V]
+    # Token t predicts token t + 1; only caption tokens (and eos) are targets.
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    correct = (jnp.argmax(logits[:, :-1], -1) == batch["input_ids"][:, 1:]).astype(jnp.float32)
+    return loss, jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 class PaliGemmaTask:
     """A PaliGemma captioner: SigLIP vision tower -> projector -> decoder, trained on (image, caption) pairs."""
 
@@ -194,17 +208,7 @@ class PaliGemmaTask:
     def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         del rng  # no dropout
-
-        def loss_fn(p):
-            logits = self._logits(p, batch)  # [B, T, V]
-            # Token t predicts token t + 1; only caption tokens (and eos) are targets.
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
-            weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-            loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-            correct = (jnp.argmax(logits[:, :-1], -1) == batch["input_ids"][:, 1:]).astype(jnp.float32)
-            return loss, jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, accuracy), grads = jax.value_and_grad(lambda p: caption_loss(self.model, p, batch), has_aux=True)(params)
         return loss, {"token_accuracy": accuracy}, grads
 
     def evaluate(self, params: Any) -> dict[str, float]:

@@ -46,6 +46,25 @@ EVAL_KEYS = ("eval/i2t_top1", "eval/t2i_top1")
 MODULE_SETTINGS = ("dtype", "scan_layers", "remat_policy")
 
 
+def siglip_loss(zimg: jax.Array, ztxt: jax.Array, t: jax.Array, b: jax.Array, loss: ml_collections.ConfigDict,
+                mesh: Mesh) -> tuple[jax.Array, dict]:
+    """The sigmoid loss of embeddings [B, E] kept split like the batch, by `loss.impl` (and `loss.block_size`)."""
+    zimg, ztxt = constrain_batch(zimg, mesh), constrain_batch(ztxt, mesh)
+    return sigmoid_loss(zimg, ztxt, t, b, impl=loss.impl, block_size=loss.block_size, mesh=mesh, axis_name=BATCH_AXES)
+
+
+def siglip_grads(model: TwoTowers, params: Any, batch: dict[str, jax.Array], loss: ml_collections.ConfigDict,
+                 mesh: Mesh) -> tuple[jax.Array, dict, jax.Array, jax.Array, Any]:
+    """(loss, logit stats, t, b, gradients w.r.t. params) of one batch (`image`, `text`) without accumulation:
+    the training step and `bvl plan` both take it."""
+    def loss_fn(p):
+        zimg, ztxt, out = model.apply({"params": p}, batch["image"], batch["text"])
+        value, stats = siglip_loss(zimg, ztxt, out["t"][0], out["b"][0], loss, mesh)
+        return value, (stats, out["t"][0], out["b"][0])
+    (value, (stats, t, b)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return value, stats, t, b, grads
+
+
 class SiglipTask:
     """The two-tower model trained with the sigmoid loss; evaluated by zero-shot retrieval on held-out pairs."""
 
@@ -109,11 +128,7 @@ class SiglipTask:
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         del rng  # no dropout: SigLIP trains deterministically
         if self.config.accum_steps == 1:
-            def loss_fn(p):
-                zimg, ztxt, out = self.model.apply({"params": p}, batch["image"], batch["text"])
-                loss, stats = self._loss(zimg, ztxt, out["t"][0], out["b"][0])
-                return loss, (stats, out["t"][0], out["b"][0])
-            (loss, (stats, t, b)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            loss, stats, t, b, grads = siglip_grads(self.model, params, batch, self.config.loss, self.mesh)
         else:
             loss, stats, t, b, grads = self._accumulated_grads(params, batch)
         metrics = {f"logits/{k}": v for k, v in stats.items()} | {"t": t, "b": b}
