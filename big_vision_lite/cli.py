@@ -225,6 +225,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from big_vision_lite.train.plan import (
+        format_plan_table,
+        parse_mesh,
+        planning_config,
+        run_plan,
+        simulated_cpu_devices,
+    )
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    sizes = parse_mesh(args.mesh)
+    devices = simulated_cpu_devices(sizes["data"] * sizes["fsdp"])  # before anything starts JAX's backend
+    overrides = [*(args.set or []), *([f"batch_size={args.batch}"] if args.batch else [])]
+    config = planning_config(args.config, overrides, args.finetune)
+    result = run_plan(config, devices, sizes, args.remat or ["none"], loss_only=args.loss_only, target=args.config)
+    print(format_plan_table(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def _bench_forward(args: argparse.Namespace) -> tuple[dict, str]:
     from big_vision_lite.bench.forward import format_forward_table, run_forward_bench
 
@@ -350,6 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run whose saved config differs from this one (the old config is kept beside it)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="per-device memory and FLOPs of a training step, compiled on simulated CPU "
+                                    "devices before renting them (CPU-backend estimates)")
+    p.add_argument("config", help="a preset name (bvl models: paligemma-3b-224, siglip-so400m-14-224, ...) or an "
+                                  "experiment config (siglip_shapes, a file), optionally followed by :ARG")
+    p.add_argument("--mesh", required=True, help="data=D,fsdp=F: the mesh, simulated as D x F CPU devices")
+    p.add_argument("--batch", type=POSITIVE_INT, help="the global batch (default: the config's batch_size)")
+    p.add_argument("--remat", nargs="+", metavar="POLICY", help="remat policies to compare side by side: none or "
+                                                                "jax.checkpoint_policies names (nothing_saveable, "
+                                                                "dots_saveable, ...); default none")
+    p.add_argument("--finetune", choices=["full", "lora", "attention"], default="full",
+                   help="PaliGemma: train everything, LoRA adapters (rank 16) only, or the decoder's attention only")
+    p.add_argument("--loss-only", action="store_true", help="SigLIP: compile only the loss and its gradient on "
+                                                             "embeddings of the batch's shape")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. "
+                                                                       "loss.impl=ring")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("models", help="the published sizes we know (presets) and their parameter counts")
     p.add_argument("--json", help="write the list as JSON to this file")
