@@ -126,7 +126,8 @@ def _finish(acc: dict[str, jax.Array], batch: int, t: jax.Array, b: jax.Array) -
     nan = jnp.full((), jnp.nan, jnp.float32)
     stats = {
         "pos_mean": acc["pos_sum"] / batch, "pos_min": acc["pos_min"], "pos_max": acc["pos_max"],
-        "neg_mean": t * neg_dot_sum / n_neg + b if n_neg else nan,
+        # A float: B(B - 1) passes int32 from B = 46342 on, and a Python int beyond it is refused as a jit argument.
+        "neg_mean": t * neg_dot_sum / float(n_neg) + b if n_neg else nan,
         "neg_min": acc["neg_min"] if n_neg else nan, "neg_max": acc["neg_max"] if n_neg else nan,
     }
     return acc["loss_sum"] / batch, stats

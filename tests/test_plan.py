@@ -189,3 +189,10 @@ def test_the_api_takes_the_devices_it_is_given():
     assert column["grads_bytes"] == column["params_bytes"]
     with pytest.raises(ValueError, match="batch_size=0 must be a positive multiple of the 1 devices"):
         run_plan(planning_config(SIGLIP, ["batch_size=0"]), devices, {"data": 1, "fsdp": 1})
+
+
+def test_the_loss_compiles_at_a_batch_whose_pair_count_passes_int32():
+    """B = 65536: B(B - 1) negatives overflow int32; the loss-only plan compiles (before the fix it was refused)."""
+    config = planning_config(SIGLIP, ["batch_size=65536", "loss.impl=blocked"])
+    result = run_plan(config, jax.devices("cpu")[:1], {"data": 1, "fsdp": 1}, loss_only=True)
+    assert result["loss_only"]["xla"]["temp_bytes"] > 0
