@@ -18,12 +18,13 @@ are running reductions over the logits, so no implementation but dense ever hold
 - `sigmoid_loss_blocked`: one device; a `lax.scan` over column blocks of the texts with a rematerialised body, so
   the forward and backward passes keep only a [B, C] block of logits alive: memory grows as B * C, not B^2.
 - `sigmoid_loss_ring`: many devices (`jax.shard_map`); each keeps its images and passes its texts around a
-  `ppermute` ring, computing one [b, b] block per step; the sums are `psum`-ed and divided by the global B.
+  `ppermute` ring, computing one [b, b] block per step; the sums are `psum`-ed and divided by the global B. Its
+  `custom_vjp` backward sends the texts round again, their gradient travelling with them, so per-device memory
+  (forward and backward) is O(b * E + b * b) at any device count.
 
 `sigmoid_loss(..., impl=...)` picks one by name and checks the inputs.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -190,28 +191,28 @@ def _axis_names(axis_name: str | Sequence[str]) -> tuple[str, ...]:
     return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def _ring_body(batch: int, axes: tuple[str, ...], n_dev: int) -> Callable:
-    """The per-device function of `sigmoid_loss_ring` (runs inside `shard_map`)."""
+def _ring_perm(n_dev: int) -> list[tuple[int, int]]:
+    """Device i sends to i + 1, so after k steps device i holds the texts of device i - k (mod n_dev)."""
+    return [(i, (i + 1) % n_dev) for i in range(n_dev)]
 
-    # Why checkpoint: without it the backward pass keeps every step's [b, b] logits, n_dev * b * b = b * B in all.
-    @functools.partial(jax.checkpoint, static_argnums=(4,))
-    def block(x: jax.Array, y: jax.Array, t: jax.Array, b: jax.Array, own: bool) -> dict[str, jax.Array]:
-        logits = t * (x @ y.T) + b  # [b, b]: local images x the texts held this step
-        # Positives (the diagonal) only on the step where the device holds its own texts.
-        positive = jnp.eye(x.shape[0], dtype=bool) if own else jnp.zeros((), bool)  # [b, b] or all False
-        return _block_terms(logits, positive)
 
-    # Device i sends to i + 1, so after k steps device i holds the texts of device i - k (mod n_dev).
-    perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+def _ring_forward(batch: int, axes: tuple[str, ...], n_dev: int) -> Callable:
+    """The per-device forward of `sigmoid_loss_ring` (runs inside `shard_map`): (loss, stats), nothing saved."""
 
     def local(x: jax.Array, y: jax.Array, t: jax.Array, b: jax.Array) -> tuple[jax.Array, Stats]:
 
+        def block(y: jax.Array, own: bool) -> dict[str, jax.Array]:
+            logits = t * (x @ y.T) + b  # [b, b]: local images x the texts held this step
+            # Positives (the diagonal) only on the step where the device holds its own texts.
+            positive = jnp.eye(x.shape[0], dtype=bool) if own else jnp.zeros((), bool)  # [b, b] or all False
+            return _block_terms(logits, positive)
+
         def step(carry: tuple[jax.Array, dict[str, jax.Array]], _: None):
             y, terms = carry
-            y = jax.lax.ppermute(y, axes, perm)
-            return (y, _combine(terms, block(x, y, t, b, False))), None
+            y = jax.lax.ppermute(y, axes, _ring_perm(n_dev))
+            return (y, _combine(terms, block(y, False))), None
 
-        terms = block(x, y, t, b, True)
+        terms = block(y, True)
         if n_dev > 1:
             (_, terms), _ = jax.lax.scan(step, (y, terms), None, length=n_dev - 1)
         # Sum over devices; min/max reduce with pmin/pmax. After these every value is the same on all devices.
@@ -222,14 +223,79 @@ def _ring_body(batch: int, axes: tuple[str, ...], n_dev: int) -> Callable:
     return local
 
 
+def _ring_backward(batch: int, axes: tuple[str, ...], n_dev: int) -> Callable:
+    """The per-device backward of `sigmoid_loss_ring` (runs inside `shard_map`): the gradients of the loss w.r.t.
+    the local images x [b, E], the local texts y [b, E] and the scalars t, b, given the loss's cotangent g.
+
+    The texts go round the ring a second time and each step's [b, b] block of logits is recomputed. d/dx sums
+    locally; d/dy of the texts held this step travels round the ring with them, and one last hop after the final
+    block brings each shard's gradient back to its owner. d/dt and d/db are per-device partial sums, psum-ed.
+    What a device holds is x, y, their gradients and one block: O(b * E + b * b), whatever the device count.
+    """
+
+    def local(x: jax.Array, y: jax.Array, t: jax.Array, b: jax.Array,
+              g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        scale = g / batch  # the loss is loss_sum / B
+
+        def block(y: jax.Array, own: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+            dots = x @ y.T  # [b, b]
+            # z = +1 on the positives (the diagonal of the device's own block), -1 elsewhere;
+            # d(-log_sigmoid(z * l)) / dl = -z * sigmoid(-z * l).
+            z = jnp.where(jnp.eye(x.shape[0], dtype=bool), 1.0, -1.0) if own else -1.0  # [b, b] or a scalar
+            dlogits = -z * jax.nn.sigmoid(-z * (t * dots + b)) * scale  # [b, b]
+            return t * (dlogits @ y), t * (dlogits.T @ x), jnp.sum(dlogits * dots), jnp.sum(dlogits)
+
+        def step(carry: tuple[jax.Array, ...], _: None) -> tuple[tuple[jax.Array, ...], None]:
+            y, dy, dx, dt, db = carry
+            # The texts and their gradient so far move together: device i now holds those of device i - k.
+            y, dy = jax.lax.ppermute((y, dy), axes, _ring_perm(n_dev))
+            gx, gy, gt, gb = block(y, False)
+            return (y, dy + gy, dx + gx, dt + gt, db + gb), None
+
+        dx, dy, dt, db = block(y, True)
+        if n_dev > 1:
+            (_, dy, dx, dt, db), _ = jax.lax.scan(step, (y, dy, dx, dt, db), None, length=n_dev - 1)
+            dy = jax.lax.ppermute(dy, axes, _ring_perm(n_dev))  # held by device i - 1: one hop home
+        return dx, dy, jax.lax.psum(dt, axes), jax.lax.psum(db, axes)
+
+    return local
+
+
+def _ring_loss(mesh: Mesh, axes: tuple[str, ...], batch: int, n_dev: int) -> Callable:
+    """(x, y, t, b) -> (loss, stats) over the ring, with a `custom_vjp`: the backward recomputes the blocks on a
+    second trip round the ring instead of keeping each step's text shard, as autodiff through the forward scan
+    would (n_dev * b * E = B * E floats per device). The stats carry no gradient; their cotangents are ignored."""
+    spec = P(axes)  # the batch axis split over all the named axes (the first one major)
+    names = frozenset(axes)
+    forward = jax.shard_map(_ring_forward(batch, axes, n_dev), mesh=mesh, in_specs=(spec, spec, P(), P()),
+                            out_specs=(P(), {k: P() for k in STAT_NAMES}), axis_names=names)
+    backward = jax.shard_map(_ring_backward(batch, axes, n_dev), mesh=mesh, in_specs=(spec, spec, P(), P(), P()),
+                             out_specs=(spec, spec, P(), P()), axis_names=names)
+
+    @jax.custom_vjp
+    def loss(x: jax.Array, y: jax.Array, t: jax.Array, b: jax.Array) -> tuple[jax.Array, Stats]:
+        return forward(x, y, t, b)
+
+    def loss_fwd(x: jax.Array, y: jax.Array, t: jax.Array, b: jax.Array) -> tuple[tuple[jax.Array, Stats], tuple]:
+        return forward(x, y, t, b), (x, y, t, b)  # the inputs alone: O(b * E) per device
+
+    def loss_bwd(residuals: tuple, cotangents: tuple[jax.Array, Stats]) -> tuple[jax.Array, ...]:
+        g, _ = cotangents  # the stats' cotangents: the stats are metrics, without gradient
+        return backward(*residuals, g)
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
+
+
 def sigmoid_loss_ring(zimg: jax.Array, ztxt: jax.Array, t: jax.Array | float, b: jax.Array | float, mesh: Mesh,
                       axis_name: str | tuple[str, ...] = "data") -> tuple[jax.Array, Stats]:
     """The loss across the devices of `mesh` along `axis_name` (one mesh axis, or several taken together).
 
     The inputs are global arrays [B, E] (placed or not); the batch is split over the axes (B must be a multiple of
     their total size), each device keeps its b = B / n images and the text shards go round a `ppermute` ring, so
-    each device computes one [b, b] block of logits per step and never holds more than b texts. Differentiable
-    w.r.t. all four inputs; the result is the same `(loss, stats)` as `sigmoid_loss_dense`.
+    each device computes one [b, b] block of logits per step and never holds more than b texts, in the backward
+    pass too (see `_ring_backward`). Differentiable w.r.t. all four inputs; the result is the same `(loss, stats)`
+    as `sigmoid_loss_dense`.
     """
     axes = _axis_names(axis_name)
     missing = [a for a in axes if a not in mesh.shape]
@@ -241,16 +307,13 @@ def sigmoid_loss_ring(zimg: jax.Array, ztxt: jax.Array, t: jax.Array | float, b:
     if batch % n_dev:
         raise ValueError(f"zimg batch {batch} (shape {tuple(x.shape)}) must be a multiple of the {n_dev} devices "
                          f"along mesh axes {axes}")
-    spec = P(axes)  # the batch axis split over all the named axes (the first one major)
-    sharding = NamedSharding(mesh, spec)
+    sharding = NamedSharding(mesh, P(axes))
     # Auto axes take a sharding constraint; Explicit ones (jax.make_mesh's default) must be resharded explicitly.
     axis_types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
     place = (jax.sharding.reshard if any(axis_types[a] == jax.sharding.AxisType.Explicit for a in axes)
              else jax.lax.with_sharding_constraint)
     x, y = place(x, sharding), place(y, sharding)
-    fn = jax.shard_map(_ring_body(batch, axes, n_dev), mesh=mesh, in_specs=(spec, spec, P(), P()),
-                       out_specs=(P(), {k: P() for k in STAT_NAMES}), axis_names=frozenset(axes))
-    loss, stats = fn(x, y, t, b)
+    loss, stats = _ring_loss(mesh, axes, batch, n_dev)(x, y, t, b)
     return loss, {k: stats[k] for k in STAT_NAMES}  # a pytree dict comes back in sorted key order
 
 
