@@ -207,16 +207,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from big_vision_lite.train import distributed
     from big_vision_lite.train.config import apply_overrides, load_config
     from big_vision_lite.train.loop import NonFiniteLossError, train
 
     check_output_dir(args.workdir, "--workdir")
     config = apply_overrides(load_config(args.config), args.set or [])
+    group = distributed.process_group(args.coordinator, args.num_processes, args.process_id)
+    if group is not None:  # before anything starts JAX's backend
+        distributed.initialize(group, timeout_s=args.init_timeout)
     try:
         result = train(config, args.workdir, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as error:
         print(f"bvl: training stopped: {error}", file=sys.stderr)
         return 1
+    if not distributed.is_main_process():
+        return 0  # process 0 reports for the group
     resumed = f" (resumed from step {result.start_step})" if result.start_step else ""
     evals = ", ".join(f"{k} {v:.3f}" for k, v in result.final_eval.items())
     print(f"trained {result.final_step} steps{resumed} in {args.workdir}: {evals}; "
@@ -244,6 +250,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(format_plan_table(result))
     _write_json(args.json, result)
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from big_vision_lite.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch(command, args.processes, args.devices_per_process, port=args.port)
 
 
 def _bench_forward(args: argparse.Namespace) -> tuple[dict, str]:
@@ -370,7 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume a run whose saved config differs from this one (the old config is kept beside it)")
+    group = p.add_argument_group("several processes (jax.distributed; otherwise read from JAX_COORDINATOR_ADDRESS, "
+                                 "JAX_NUM_PROCESSES, JAX_PROCESS_ID or a SLURM / Open MPI job)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's coordination service")
+    group.add_argument("--num-processes", type=POSITIVE_INT, help="processes in the run")
+    group.add_argument("--process-id", type=_number(int, 0), help="this process, 0 to --num-processes - 1")
+    group.add_argument("--init-timeout", type=_number(float, 1.0), default=60.0, metavar="SECONDS",
+                       help="how long to wait for the coordinator and the other processes (default 60)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="run a bvl command (train) as N local processes of one jax.distributed program")
+    p.add_argument("--processes", type=POSITIVE_INT, required=True, help="how many processes")
+    p.add_argument("--devices-per-process", type=POSITIVE_INT,
+                   help="simulated CPU devices per process (JAX_NUM_CPU_DEVICES); default: JAX's")
+    p.add_argument("--port", type=_number(int, 1, 65535), help="the coordinator's port on 127.0.0.1 (default: a free "
+                                                              "one)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the bvl command, e.g. -- train siglip_shapes "
+                                                             "--workdir W")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("plan", help="per-device memory and FLOPs of a training step, compiled on simulated CPU "
                                     "devices before renting them (CPU-backend estimates)")

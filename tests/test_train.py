@@ -53,10 +53,11 @@ class ToyTask:
         x = np.random.default_rng(step).normal(size=(self.batch_size, 8)).astype(np.float32)
         return {"x": x, "y": x @ self.w_true}
 
-    def batches(self, start_step):
+    def batches(self, start_step, rows=None):
+        lo, hi = rows or (0, self.batch_size)
         step = start_step
         while True:
-            yield self._batch(step)
+            yield {k: v[lo:hi] for k, v in self._batch(step).items()}
             step += 1
 
     def evaluate(self, params):

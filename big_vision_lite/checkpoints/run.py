@@ -96,7 +96,13 @@ def read_run_info(workdir: str | Path) -> RunInfo:
 
 
 def _manager(directory: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+    """A manager that reads checkpoints in this process alone: in a multi-process run orbax would otherwise make
+    every process of the group meet at its barriers, and a read that one process does by itself would wait forever."""
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix=f"read-{me}")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False,
+                                                                                 multiprocessing_options=alone),
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "meta": ocp.JsonCheckpointHandler()})
 
@@ -208,7 +214,7 @@ def load_params(workdir: str | Path) -> tuple[int, Any]:
         if not steps:
             raise FileNotFoundError(f"{directory}: no complete checkpoint")
         # Restore every array onto this process's first device: the writer's mesh may not exist here.
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         for step in steps:
             try:
                 metadata = manager.item_metadata(step)["state"]

@@ -13,6 +13,10 @@ example's index in the source, -1 for padding) and `caption` str [B] ("" for pad
 captions in retrieval. With `tokenizer=None`, `text` is left out and training batches carry `caption` too, for
 callers that tokenize themselves (e.g. PaliGemma prefix/suffix).
 
+Several processes (a multi-process run): each builds only its rows `rows = (lo, hi)` of every global batch, i.e.
+positions `k*B + lo ... k*B + hi - 1` of the same stream, so the processes together hold exactly the batch one
+process would build, whatever their number (the same examples, the same replacements of unreadable images).
+
 Unreadable images (missing file, bytes that do not decode): the run never stops for one. In a training batch
 each is replaced by another example drawn from the source by a seeded hash of (step, slot) - redrawing until
 one decodes - so the batch keeps its shape and stays a function of the step; in an eval batch its row is masked.
@@ -180,10 +184,13 @@ class _BatchBuilder:
     seed: int
     shuffle: bool
     mode: Literal["train", "eval"]
+    rows: tuple[int, int] | None = None  # (lo, hi): the rows of each batch this process builds; None: all
 
     def __call__(self, step: int) -> Batch:
-        b, n, s = self.batch_size, len(self.source), self.image_size
-        positions = step * b + np.arange(b, dtype=np.int64)
+        n, s = len(self.source), self.image_size
+        lo, hi = self.rows or (0, self.batch_size)
+        b = hi - lo
+        positions = step * self.batch_size + np.arange(lo, hi, dtype=np.int64)
         images = np.zeros((b, s, s, 3), dtype=np.uint8)
         captions = [""] * b
         valid = np.ones(b, dtype=bool)
@@ -207,7 +214,7 @@ class _BatchBuilder:
                 if self.mode == "eval":
                     valid[slot] = False
                     continue
-                record, pixels = self._replacement(step, slot)
+                record, pixels = self._replacement(step, lo + slot)
             images[slot], captions[slot] = pixels, record["caption"]
         batch: Batch = {"image": images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)}
         if self.tokenizer is not None:
@@ -234,7 +241,8 @@ class _BatchBuilder:
             return None, f"{record.get('key')}: {type(e).__name__}: {e}"
 
     def _replacement(self, step: int, slot: int) -> tuple[dict[str, Any], np.ndarray]:
-        """A readable example to stand in for the unreadable one at (step, slot): seeded draws, first good one."""
+        """A readable example to stand in for the unreadable one at (step, slot of the global batch): seeded draws,
+        first good one."""
         n = len(self.source)
         draws = hash_uniform(self.seed, _REPLACE_STREAM, np.array([step * self.batch_size + slot]), _REPLACEMENT_TRIES)
         last = ""
@@ -262,9 +270,13 @@ def make_train_loader(
     worker_count: int = 0,
     shuffle: bool = True,
     prefetch: int = 2,
+    rows: tuple[int, int] | None = None,
 ) -> Loader:
     """Endless (or up to step `num_steps`, exclusive) training batches from `start_step` on; see the module
     docstring for the batch format and determinism.
+
+    rows: (lo, hi), build only rows lo..hi-1 of every batch of `batch_size` (this process's share in a
+    multi-process run; see `train.distributed.process_rows`); None: the whole batch.
 
     worker_count: grain worker processes building batches (0: in this process, on `prefetch` > 0 a background
     thread). Workers start on the first `next()`, taking a second or two (grain spawns fresh interpreters, which
@@ -277,7 +289,9 @@ def make_train_loader(
     stop = _MAX_STEPS if num_steps is None else num_steps
     if stop < start_step:
         raise ValueError(f"num_steps ({num_steps}) is below start_step ({start_step})")
-    builder = _BatchBuilder(source, batch_size, image_size, tokenizer, max_len, seed, shuffle, "train")
+    if rows is not None and not 0 <= rows[0] < rows[1] <= batch_size:
+        raise ValueError(f"rows {rows} must be a non-empty range within the batch of {batch_size}")
+    builder = _BatchBuilder(source, batch_size, image_size, tokenizer, max_len, seed, shuffle, "train", rows)
     return _loader(builder, start_step, stop, worker_count, prefetch, None if num_steps is None else stop - start_step)
 
 

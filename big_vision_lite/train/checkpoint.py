@@ -5,6 +5,9 @@ and `meta` (JSON: the data position and anything else the loop needs to resume).
 temporary folder and renames it only once complete, so a crash (even `kill -9`) mid-write leaves the previous
 checkpoint as the latest; leftover temporary folders are removed on the next start.
 
+Every process of a multi-process run saves and restores its part of each checkpoint through orbax; whether a
+checkpoint restored, and what to do when it did not, is decided once for the whole group (on process 0).
+
 Restoring tries the latest step first. Only a checkpoint proven corrupt (`checkpoints.run.check_restore_failure`:
 its files read back but their content does not restore, e.g. truncated or deleted tensor files) is moved to
 `DIR/checkpoints_corrupt/<step>` with a warning, never deleted, and the previous one is tried. Any other failure
@@ -23,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from big_vision_lite.checkpoints.files import CheckpointError
 from big_vision_lite.checkpoints.run import CHECKPOINT_DIR, check_restore_failure, saved_state_shapes
+from big_vision_lite.train.distributed import all_processes_agree, on_main_process
 from big_vision_lite.utils.trees import path_name
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -69,19 +73,29 @@ class Checkpointer:
         """
         steps = self.steps()
         for step in reversed(steps):
+            restored, error = None, None
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 _check_same_structure(abstract_state, restored.state, step)
+            except Exception as raised:  # set aside only when proven corrupt; anything else raises
+                error = raised
+            if all_processes_agree(error is None):  # every process read its part: one decision for all
                 return step, restored.state, dict(restored.meta)
-            except Exception as error:  # set aside only when proven corrupt; anything else raises
-                self._refuse_other_state(step, abstract_state)
-                self._set_aside(step, check_restore_failure(self.directory / str(step), error))
+            # Judged on process 0, which moves the checkpoint aside or raises for every process.
+            on_main_process(f"checking checkpoint {step}", self._set_aside_if_corrupt, step, abstract_state,
+                            error or CheckpointError(f"checkpoint {step} restored here but not on another process"))
+            self.manager.reload()
         if steps:
             raise CheckpointError(f"every checkpoint of {self.workdir} (steps {steps}) proved corrupt and was moved to "
                                   f"{self.workdir / CORRUPT_DIR}; run again to start this workdir from step 0 (its "
                                   "metrics are kept in metrics.superseded.jsonl)")
         return None
+
+    def _set_aside_if_corrupt(self, step: int, abstract_state: Any, error: Exception) -> None:
+        """Moves the checkpoint at `step` aside when `error` (its restore's) proves it corrupt; raises otherwise."""
+        self._refuse_other_state(step, abstract_state)
+        self._set_aside(step, check_restore_failure(self.directory / str(step), error))
 
     def _refuse_other_state(self, step: int, abstract_state: Any) -> None:
         """Raises StateMismatchError when the checkpoint at `step` is readable but holds another state."""
@@ -107,7 +121,6 @@ class Checkpointer:
             target = target.with_name(f"{step}.{copies}")
             copies += 1
         shutil.move(source, target)
-        self.manager.reload()
         warnings.warn(f"checkpoint {source} cannot be restored ({why}); moved to {target}, falling back to the "
                       "previous checkpoint", stacklevel=3)
 

@@ -19,10 +19,15 @@ and its evaluation. Everything else lives here once:
   as `config.until-step-<N>.json`);
 * one process per workdir: a run holds the workdir's lock (`utils/locks.py`) and a second one is refused with
   the holder's process id; a required run shared between runs is trained under its lock, the others waiting;
+* several processes (`train/distributed.py`, `bvl launch`) run the same loop on one global mesh: each builds only
+  its rows of every global batch, all save and restore the checkpoints together (orbax), every decision about the
+  workdir (its lock, its config, a corrupt checkpoint) is taken on process 0 for the group, and process 0 alone
+  writes metrics, plots, records and the progress bar;
 * metrics are fetched from the device only at log, eval and checkpoint steps; a non-finite loss or gradient
   norm among them stops the run before anything after it is saved, so the last checkpoint is a good one.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -40,12 +45,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from big_vision_lite.checkpoints.run import CONFIG_FILE, RunInfo, latest_step, read_saved_config, write_run_info
 from big_vision_lite.train.checkpoint import Checkpointer
 from big_vision_lite.train.config import ConfigError, config_changes
+from big_vision_lite.train.distributed import (
+    host_copy,
+    is_main_process,
+    main_process_first,
+    on_main_process,
+    process_rows,
+)
 from big_vision_lite.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from big_vision_lite.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from big_vision_lite.train.runs import Requirement
@@ -80,8 +93,9 @@ class Task(Protocol):
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         """(loss, metrics, gradients w.r.t. params) for one global batch (traced under jit)."""
 
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """Host batches of the global batch size; the first one is the batch of `start_step`."""
+    def batches(self, start_step: int, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Host batches, the first one the batch of `start_step`: rows lo..hi-1 of each global batch (`rows`, this
+        process's share), or all of it."""
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Held-out metrics of `params`."""
@@ -200,7 +214,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Trainer:
     mesh = make_mesh(**config.mesh.to_dict())
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {mesh.devices.size} devices")
-    task = task_class(config.task)(config, workdir, mesh)
+    with main_process_first("building the task"):  # it may write the run's tokenizer: once, by process 0
+        task = task_class(config.task)(config, workdir, mesh)
     init_rng, loop_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     patterns = config.get("trainable")
     trainable = None if patterns is None else trainable_mask(jax.eval_shape(task.init_params, init_rng), patterns)
@@ -209,8 +224,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Trainer:
     rules = [tuple(rule) for rule in config.sharding_rules]
     state_shape = jax.eval_shape(lambda rng: new_train_state(task.init_params(rng), optimizer, loop_rng), init_rng)
     shardings = tree_shardings(state_shape, mesh, rules)
+    # Metrics replicated: every process reads them whole (a NaN stops all of them at the same step).
     step = jax.jit(build_train_step(task, optimizer, schedule, trainable),
-                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None), donate_argnums=0)
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, NamedSharding(mesh, P())),
+                   donate_argnums=0)
     return Trainer(config, mesh, task, optimizer, schedule, state_shape, shardings, init_rng, loop_rng, step)
 
 
@@ -219,15 +236,27 @@ def train_requirements(config: ml_collections.ConfigDict, *, progress: bool = Tr
     under its workdir's lock, so runs started together that need the same one train it once: the others wait and
     then find it finished."""
     for requirement in task_class(config.task).requires(config):
-        with folder_lock(requirement.workdir, what="required run", wait=True):
-            if not requirement.finished():
-                print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
+        with group_lock(requirement.workdir, what="required run", wait=True):
+            if not on_main_process("checking a required run", requirement.finished):
+                if is_main_process():
+                    print(f"{requirement.why}: training {requirement.config} in {requirement.workdir} first")
                 required = requirement.load_config()
                 check_loop_config(required)
                 allow = f"`bvl train {requirement.config} --workdir {requirement.workdir} --allow-config-change`"
-                changes = _check_resumed_config(required, requirement.workdir, False, allow)
+                changes = on_main_process("checking a required run's config", _check_resumed_config, required,
+                                          requirement.workdir, False, allow)
                 train_requirements(required, progress=progress)
                 _train_locked(required, requirement.workdir, changes, stop_at=None, progress=progress)
+
+
+@contextlib.contextmanager
+def group_lock(workdir: Path, *, what: str = "workdir", wait: bool = False) -> Iterator[None]:
+    """The workdir's lock (`folder_lock`) for a whole process group: held by process 0 for all of them; a refusal
+    (another run holds it) stops every process."""
+    with contextlib.ExitStack() as held:
+        on_main_process(f"locking {what} {workdir}",
+                        lambda: bool(held.enter_context(folder_lock(workdir, what=what, wait=wait))))
+        yield
 
 
 def _check_resumed_config(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
@@ -288,8 +317,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at: in
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file, expected a folder")
-    with folder_lock(workdir):
-        changes = _check_resumed_config(config, workdir, allow_config_change)  # before any required run trains
+    with group_lock(workdir):
+        changes = on_main_process("checking the workdir's config", _check_resumed_config, config, workdir,
+                                  allow_config_change)  # before any required run trains
         train_requirements(config, progress=progress)
         return _train_locked(config, workdir, changes, stop_at=stop_at, progress=progress)
 
@@ -313,22 +343,25 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, changes: tup
     # allowed change, only once a checkpoint trained with it is on disk (a run that fails before that, e.g. on
     # NaN, leaves the workdir describing its checkpoints as they are).
     record_run: Callable[[], None] | None = functools.partial(_record_run, config, workdir, changes, task)
+    main = is_main_process()  # writes the run's files (metrics, plots, records); every process trains and saves
     if changes is None:
-        record_run()
+        if main:
+            record_run()
         record_run = None
-    else:
+    elif main:
         warnings.warn(f"resuming {workdir} at step {changes[0]} with a changed config ({'; '.join(changes[1])}); "
                       "the old config is kept beside it once the first checkpoint of this one is saved", stacklevel=3)
     last_step = min(config.total_steps, stop_at or config.total_steps)
-    log = MetricsLog(workdir, start_step)
+    log = MetricsLog(workdir, start_step) if main else None
     pending = _PendingMetrics()
 
     mesh = trainer.mesh
-    batches = task.batches(start_step)
+    batches = task.batches(start_step, process_rows(config.batch_size))  # this process's rows of each batch
     final_eval: dict[str, float] = {}
     compile_s = train_s = 0.0
     examples = 0
-    bar = tqdm(total=config.total_steps, initial=start_step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.total_steps, initial=start_step, desc="train", disable=not (progress and main),
+               dynamic_ncols=True)
     try:
         step = start_step
         compiled = None
@@ -354,20 +387,22 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, changes: tup
             train_s += elapsed
             examples += interval_steps * config.batch_size
             speed = interval_steps * config.batch_size / max(elapsed, 1e-9)
-            if is_log:
+            if is_log and log is not None:
                 record = {"step": step, **records[-1][1], "examples_per_s": speed}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_per_s=f"{speed:.0f}")
             bar.update(interval_steps)
             if is_eval:
-                final_eval = task.evaluate(state["params"])
-                log.write({"step": step, **final_eval})
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in final_eval.items()))
+                final_eval = _evaluate(task, state["params"])
+                if log is not None:
+                    log.write({"step": step, **final_eval})
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in final_eval.items()))
             if is_ckpt:
                 checkpointer.save(step, state, {"step": step, "data_position": step})
                 if record_run is not None:
                     checkpointer.wait()  # committed: from now on the workdir holds this config's run
-                    record_run()
+                    if main:
+                        record_run()
                     record_run = None
             interval_start, interval_steps = time.perf_counter(), 0
     except NonFiniteLossError as error:
@@ -377,14 +412,22 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, changes: tup
         raise NonFiniteLossError(f"{error}; stopping. Last good checkpoint: {kept}") from None
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         checkpointer.close()
     if step == config.total_steps and not final_eval:  # a finished run, re-run: report its evaluation again
-        final_eval = task.evaluate(state["params"])
-    if step == config.total_steps:
+        final_eval = _evaluate(task, state["params"])
+    if step == config.total_steps and log is not None:
         plot_curves(log.path, workdir / CURVES_FILE, task.eval_keys)
     result = TrainResult(workdir=workdir, start_step=start_step, final_step=step, final_eval=final_eval,
                          compile_s=compile_s, train_s=train_s, examples_per_s=examples / max(train_s, 1e-9),
                          data_report=task.report())
-    write_text_atomic(workdir / RESULT_FILE, json.dumps(dataclasses.asdict(result), default=str, indent=2) + "\n")
+    if main:
+        write_text_atomic(workdir / RESULT_FILE, json.dumps(dataclasses.asdict(result), default=str, indent=2) + "\n")
     return result
+
+
+def _evaluate(task: Task, params: Any) -> dict[str, float]:
+    """The task's evaluation of `params`. With several processes each evaluates a whole host copy of them on its
+    own devices (the evaluation sets are small; every process gets the same numbers, process 0 logs them)."""
+    return task.evaluate(host_copy(params) if jax.process_count() > 1 else params)

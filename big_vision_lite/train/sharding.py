@@ -101,14 +101,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch (arrays, or pytrees of them such as NaFlex images) on the mesh; the batch size must be a
-    multiple of the device count."""
-    devices = mesh.devices.size
-    for path, value in jax.tree_util.tree_leaves_with_path(batch):
-        if np.shape(value)[0] % devices:
-            raise ValueError(f"batch{jax.tree_util.keystr(path)} has {np.shape(value)[0]} rows, not a multiple of "
-                             f"the {devices} devices")
-    return jax.device_put(batch, batch_sharding(mesh))
+    """Places a host batch (arrays, or pytrees of them such as NaFlex images) on the mesh as global arrays. With
+    several processes, `batch` holds this process's rows only (`distributed.process_rows`) and the global batch
+    has process-count times as many; the global batch size must be a multiple of the device count."""
+    devices, processes = mesh.devices.size, jax.process_count()
+    sharding = batch_sharding(mesh)
+
+    def place(path: tuple[Any, ...], value: Any) -> jax.Array:
+        rows = np.shape(value)[0] * processes
+        if rows % devices:
+            raise ValueError(f"batch{jax.tree_util.keystr(path)} has {rows} rows in all, not a multiple of the "
+                             f"{devices} devices")
+        return jax.make_array_from_process_local_data(sharding, np.asarray(value), (rows, *np.shape(value)[1:]))
+    return jax.tree_util.tree_map_with_path(place, batch)
 
 
 def constrain_batch(x: jax.Array, mesh: Mesh) -> jax.Array:

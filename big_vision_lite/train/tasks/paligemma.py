@@ -193,13 +193,14 @@ class PaliGemmaTask:
             img[name] = jax.tree.map(jnp.asarray, value)
         return {**params, "img": img}
 
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, start_step: int, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
         data = self.config.data
         self._loader = make_train_loader(
             self.train_source, batch_size=self.config.batch_size, image_size=data.image_size, tokenizer=None,
             max_len=self.config.text.max_len, seed=self.config.seed, start_step=start_step,
-            worker_count=data.workers)
-        prompts = [self.config.text.prompt] * self.config.batch_size
+            worker_count=data.workers, rows=rows)
+        lo, hi = rows or (0, self.config.batch_size)
+        prompts = [self.config.text.prompt] * (hi - lo)
         for batch in self._loader:
             text = self.processor.tokenize(prompts, list(batch["caption"]), max_len=self.config.text.max_len)
             yield {"image": batch["image"], **{k: text[k] for k in ("input_ids", "input_mask", "mask_ar",

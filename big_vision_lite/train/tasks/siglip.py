@@ -111,17 +111,19 @@ class SiglipTask:
     def init_params(self, rng: jax.Array) -> Any:
         return init_params(self.model, rng)
 
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, start_step: int, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
         data = self.config.data
         self._loader = make_train_loader(
             self.train_source, batch_size=self.config.batch_size, image_size=data.image_size,
             tokenizer=self.tokenizer, max_len=self.config.text.max_len, seed=self.config.seed,
-            start_step=start_step, worker_count=data.workers)
+            start_step=start_step, worker_count=data.workers, rows=rows)
+        lo, hi = rows or (0, self.config.batch_size)
         for step, batch in enumerate(self._loader, start_step):
             images = batch["image"]
-            if self.naflex is not None:
-                picks = np.random.default_rng([self.config.seed, step]).integers(len(self.grids), size=len(images))
-                images = self._naflex_images(images, picks)
+            if self.naflex is not None:  # drawn for the whole global batch: any process split sees the same grids
+                picks = np.random.default_rng([self.config.seed, step]).integers(len(self.grids),
+                                                                                 size=self.config.batch_size)
+                images = self._naflex_images(images, picks[lo:hi])
             yield {"image": images, "text": batch["text"]}
 
     def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
