@@ -174,22 +174,36 @@ RING_SCRIPT = textwrap.dedent("""
         return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
                    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
+    def rel(a, ref):  # per input: max |a - ref| / max |ref|
+        return [diff(u, v) / float(np.max(np.abs(np.asarray(v, np.float64)))) for u, v in zip(a, ref, strict=True)]
+
+    with_stats = lambda fn: lambda *a: (lambda loss, stats: (loss + sum(stats.values()), stats))(*fn(*a))
     (loss_d, stats_d), grads_d = vg(sigmoid_loss_dense, args)
+    _, grads_ds = vg(with_stats(sigmoid_loss_dense), args)
+    args2 = (*args[:2], jnp.float32(3.0), jnp.float32(0.5))  # a small t: no block of the gradient is ~0
+    _, grads_d2 = vg(sigmoid_loss_dense, args2)
+    auto = lambda n: jax.make_mesh(n, ("data", "fsdp")[:len(n)], axis_types=(AxisType.Auto,) * len(n))
     out = {}
     meshes = {
-        "data8": (jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)), "data"),
-        "data4_fsdp2": (jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2), ("data", "fsdp")),
+        "data8": (auto((8,)), "data"),
+        "data4_fsdp2": (auto((4, 2)), ("data", "fsdp")),
         # The ring over one axis of two (replicated over the other), and a mesh with JAX's default Explicit axes.
-        "data4_of_4x2": (jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2), "data"),
+        "data4_of_4x2": (auto((4, 2)), "data"),
+        "fsdp2_of_4x2": (auto((4, 2)), "fsdp"),
         "explicit8": (jax.make_mesh((8,), ("data",)), "data"),
+        "data1": (auto((1,)), "data"),  # a ring of one device: no step, no hop
     }
     for name, (mesh, axis) in meshes.items():
         ring = lambda *a, mesh=mesh, axis=axis: sigmoid_loss_ring(*a, mesh, axis_name=axis)
         (loss_r, stats_r), grads_r = vg(ring, args)
+        _, grads_r2 = vg(ring, args2)
+        _, grads_rs = vg(with_stats(ring), args)  # the stats carry no gradient, as in dense
         # Eager, with inputs already sharded, through the dispatcher.
         sharded = [jax.device_put(a, NamedSharding(mesh, P(axis))) for a in args[:2]] + list(args[2:])
         loss_e, stats_e = sigmoid_loss(*sharded, "ring", mesh=mesh, axis_name=axis)
         out[name] = {"loss": abs(float(loss_r) - float(loss_d)), "grads": diff(grads_r, grads_d),
+                     "grads_rel": rel(grads_r, grads_d), "grads_rel_t3": rel(grads_r2, grads_d2),
+                     "grads_with_stats": diff(grads_rs, grads_ds),
                      "stats": diff(stats_r, stats_d), "stat_keys": list(stats_r),
                      "eager_loss": abs(float(loss_e) - float(loss_d)), "eager_stats": diff(stats_e, stats_d),
                      "grad_shapes": [list(g.shape) for g in grads_r]}
@@ -208,14 +222,18 @@ RING_SCRIPT = textwrap.dedent("""
 
 
 def test_ring_matches_dense_on_8_devices():
+    """Loss, stats and each gradient (the ring's own backward, `custom_vjp`) against dense, on rings of 8, 4, 2
+    and 1 devices; the ring needs B to be a multiple of its devices, so there is no uneven case, only its error."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", RING_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("data8", "data4_fsdp2", "data4_of_4x2", "explicit8"):
+    for name in ("data8", "data4_fsdp2", "data4_of_4x2", "fsdp2_of_4x2", "explicit8", "data1"):
         r = out[name]
         assert r["loss"] < 1e-5 and r["eager_loss"] < 1e-5, (name, r)
-        assert r["grads"] < 1e-5, (name, r)
+        assert r["grads"] < 1e-5 and r["grads_with_stats"] < 1e-5, (name, r)
+        # Each of d/dzimg, d/dztxt, d/dt, d/db on its own scale, at t = 10, b = -10 and at t = 3, b = 0.5.
+        assert max(r["grads_rel"] + r["grads_rel_t3"]) < 1e-5, (name, r)
         assert r["stats"] < 1e-5 and r["eager_stats"] < 1e-5, (name, r)
         assert sorted(r["stat_keys"]) == sorted(STAT_NAMES)
         assert r["grad_shapes"] == [[32, 12], [32, 12], [], []]
