@@ -136,22 +136,22 @@ def test_flops_equal_a_hand_count(siglip_cli):
     assert result["columns"][0]["flops"]["model_flops"] == frozen
 
 
-def test_loss_only_dense_grows_with_devices_and_ring_by_its_text_shards_at_most(tmp_path):
-    """At b = 64 examples per device (E = 32): the dense loss's per-device temporaries grow with the device count
-    (its logits rows span the global batch: [b, B]); the ring's grow at most by the text shards [b, E] its backward
-    keeps, one per ring step (6 more steps on 8 devices than on 2), and stay far below dense's."""
-    b, width = 64, 32
-    temps = {}
-    for impl, devices in (("ring", 2), ("ring", 8), ("dense", 2), ("dense", 8)):
+def test_loss_only_dense_grows_with_devices_and_ring_stays_flat(tmp_path):
+    """At b = 64 examples per device (E = 32), from 8 to 64 devices: the dense loss's per-device temporaries grow
+    with the device count (its logits rows span the global batch: [b, B]); the ring's peak stays within 1.1x (its
+    backward recomputes the blocks on a second trip round the ring, keeping nothing per step: issue 17.2)."""
+    b = 64
+    xla = {}
+    for impl, devices in (("ring", 8), ("ring", 64), ("dense", 8), ("dense", 64)):
         out = tmp_path / f"{impl}{devices}.json"
         proc = _bvl_plan(SIGLIP, "--mesh", f"fsdp={devices}", "--batch", str(b * devices), "--loss-only",
                          "--set", f"loss.impl={impl}", "--json", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "loss only" in proc.stdout
-        temps[impl, devices] = json.loads(out.read_text())["loss_only"]["xla"]["temp_bytes"]
-    assert temps["dense", 8] > 3.5 * temps["dense", 2]  # [b, 4B] against [b, B] logits and their gradient
-    assert temps["ring", 8] - temps["ring", 2] <= 1.1 * 6 * b * width * 4
-    assert temps["ring", 8] < temps["dense", 8] / 3
+        xla[impl, devices] = json.loads(out.read_text())["loss_only"]["xla"]
+    assert xla["dense", 64]["temp_bytes"] > 7 * xla["dense", 8]["temp_bytes"]  # [b, 8B] against [b, B] logits
+    assert xla["ring", 64]["peak_bytes"] <= 1.1 * xla["ring", 8]["peak_bytes"], xla
+    assert xla["ring", 64]["peak_bytes"] < xla["dense", 64]["peak_bytes"] / 7
 
 
 @pytest.mark.parametrize(("args", "message"), [
