@@ -27,7 +27,7 @@ import numpy as np
 
 from big_vision_lite.models.attention import Attention, rope_inv_freq
 from big_vision_lite.models.cache import KVCache, LayerKV, SlotCache
-from big_vision_lite.models.layers import RMSNorm, remat
+from big_vision_lite.models.layers import RMSNorm, constrain, remat
 from big_vision_lite.models.lora import LoRAConfig, lora_einsum
 from big_vision_lite.models.masks import sliding_mask, slot_mask
 from big_vision_lite.utils.dtypes import as_dtype
@@ -187,7 +187,8 @@ class Block(nn.Module):
 
     `mask` is the layer's mask ([B, T, S], or [B, K, T, S] per kv head); sliding layers take `window_mask` instead
     when one is given (a scanned stack picks between the two per layer). `write_at` is where this call's keys go
-    in the cache (see `cache.LayerKV`).
+    in the cache (see `cache.LayerKV`). Each expert's input and output [B, T, D] are held to `activation_sharding`
+    (None: free).
 
     With the `intermediates` collection mutable (parity's drill-down) it sows, per expert i, `normed`,
     `post_attn_normed`, `residual_attn` (after the attention's residual add), `ffw_normed`, `mlp_out`,
@@ -199,12 +200,14 @@ class Block(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     return_probs: bool = False
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, xs: list[jax.Array | None], layer: LayerInputs, positions: jax.Array, mask: jax.Array,
                  window_mask: jax.Array | None, write_at: jax.Array | None
                  ) -> tuple[list[jax.Array | None], LayerOutputs]:
         norm = lambda name, cfg: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, self.param_dtype, name=name)  # noqa: E731
+        xs = [None if x is None else constrain(x, self.activation_sharding) for x in xs]
         normed = [
             None if x is None else norm(_name("pre_attention_norm", i), cfg)(x)
             for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True))
@@ -236,7 +239,7 @@ class Block(nn.Module):
             if cfg.post_norms:
                 y = norm(_name("post_ffw_norm", i), cfg)(y)
                 sow("post_ffw_normed", i, y)
-            new_xs.append(x + y)
+            new_xs.append(constrain(x + y, self.activation_sharding))
             sow("output", i, new_xs[-1])
         return new_xs, LayerOutputs(k, v, probs if self.return_probs else None,
                                     new_xs[0] if self.return_hidden else None)
@@ -254,7 +257,9 @@ class Decoder(nn.Module):
 
     `dtype` is the compute dtype, `param_dtype` the parameters' (both: a name or a jnp dtype, see utils.dtypes);
     `scan_layers` runs the layers with nn.scan over parameters stacked on a leading L axis (`layers`) instead of a
-    Python loop over `layers_0 ... layers_{L-1}`; `remat_policy` names a jax.checkpoint_policies policy.
+    Python loop over `layers_0 ... layers_{L-1}`; `remat_policy` names a jax.checkpoint_policies policy;
+    `activation_sharding` (a `jax.sharding.Sharding`, None: no constraint) holds every layer's input and output
+    [B, T, D] to it inside jit (`layers.constrain`: a training step on an FSDP mesh keeps them split by batch).
     """
 
     configs: Sequence[DecoderConfig]
@@ -264,6 +269,7 @@ class Decoder(nn.Module):
     remat_policy: str | None = None
     return_probs: bool = False
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     def setup(self):
         first = self.configs[0]
@@ -275,7 +281,7 @@ class Decoder(nn.Module):
         self.embedder = Embedder(first, dtype, param_dtype)
         block = remat(Block, self.remat_policy, self.scan_layers)
         kw = dict(configs=self.configs, dtype=dtype, param_dtype=param_dtype, return_probs=self.return_probs,
-                  return_hidden=self.return_hidden)
+                  return_hidden=self.return_hidden, activation_sharding=self.activation_sharding)
         if self.scan_layers:
             scanned = nn.scan(
                 block,

@@ -1,5 +1,5 @@
-"""Small layers both towers share: RMS normalisation (the decoders), LayerNorm (the ViT and text encoders), and
-rematerialisation of a block by a named policy.
+"""Small layers both towers share: RMS normalisation (the decoders), LayerNorm (the ViT and text encoders),
+rematerialisation of a block by a named policy, and the activations' sharding constraint.
 
 Axis letters: B batch, T tokens, D features (any trailing axis works).
 """
@@ -63,3 +63,11 @@ def remat(block: type[nn.Module], policy: str | None, scan_layers: bool) -> type
         raise ValueError(f"remat_policy {policy!r} is not a jax.checkpoint_policies name (e.g. 'nothing_saveable')")
     # prevent_cse is only needed outside scan (scan already keeps XLA from merging the recomputation).
     return nn.remat(block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=not scan_layers)
+
+
+def constrain(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """`x` held to `sharding` inside jit (`jax.lax.with_sharding_constraint`, which also holds its gradient there);
+    `x` itself when `sharding` is None. The models' `activation_sharding` means this, applied to the residual
+    stream [B, T, D] at every block's input and output: with the batch's sharding it keeps XLA from splitting the
+    activations by feature when the weights are split over the same devices (FSDP)."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

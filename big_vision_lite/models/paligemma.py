@@ -179,7 +179,7 @@ class PaliGemma(nn.Module):
     With `images` [B, R, R, 3] the image placeholders in `tokens` are replaced by image tokens (the prefill);
     without, `tokens` are plain text ids (decoding steps). `out` adds `image_tokens` [B, P, D] (the projector's
     output) and `vision` (the ViT's intermediates) to the decoder's `out`. The module settings (dtype, param_dtype,
-    scan_layers, remat_policy) apply to both the ViT and the decoder.
+    scan_layers, remat_policy, activation_sharding) apply to both the ViT and the decoder.
     """
 
     config: PaliGemmaConfig
@@ -189,15 +189,18 @@ class PaliGemma(nn.Module):
     remat_policy: str | None = None
     return_probs: bool = False
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     def setup(self):
         self.img = ViT(self.config.vision, dtype=self.dtype, param_dtype=self.param_dtype,
-                       scan_layers=self.scan_layers, remat_policy=self.remat_policy, return_hidden=self.return_hidden)
+                       scan_layers=self.scan_layers, remat_policy=self.remat_policy, return_hidden=self.return_hidden,
+                       activation_sharding=self.activation_sharding)
         if self.config.projector == "gemma3":
             self.mm_projector = Gemma3Projector(self.config, as_dtype(self.dtype), self.param_dtype)
         self.llm = Decoder(self.config.decoders, dtype=self.dtype, param_dtype=self.param_dtype,
                            scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                           return_probs=self.return_probs, return_hidden=self.return_hidden)
+                           return_probs=self.return_probs, return_hidden=self.return_hidden,
+                           activation_sharding=self.activation_sharding)
 
     def embed_images(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """images [B, R, R, 3] in [-1, 1] -> image tokens [B, P, D] in the decoder's dtype, ViT intermediates."""

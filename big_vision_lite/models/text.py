@@ -66,7 +66,8 @@ class TextTransformer(nn.Module):
     """`__call__(tokens [B, T] int) -> (x [B, E], out)`. `out`: `embedded` [B, T, D] (token embeddings),
     `with_posemb`, `pre_ln`, `encoded` [B, T, D] (after encoder_norm), `pre_logits` [B, D] (the last token),
     `logits` [B, E] (after the head, when there is one) and, with `return_hidden`, `blocks` [L, B, T, D].
-    Settings (dtype, param_dtype, scan_layers, remat_policy) mean what they mean for the ViT and the decoder."""
+    Settings (dtype, param_dtype, scan_layers, remat_policy, activation_sharding) mean what they mean for the ViT
+    and the decoder."""
 
     config: TextConfig
     dtype: Any = jnp.float32
@@ -74,6 +75,7 @@ class TextTransformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

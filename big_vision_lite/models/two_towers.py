@@ -10,7 +10,8 @@ logits are `exp(t') * zimg @ ztxt.T + b` (computed by the loss, see losses.py).
 
 Params: `img` (vit.py's tree), `txt` (text.py's tree), `t` [1], `b` [1]. `init_params` builds them from the
 config's shapes (flax creates a tower's params only when that tower runs, so init needs both inputs). The module
-settings (dtype, param_dtype, scan_layers, remat_policy) apply to both towers and mean what they mean everywhere.
+settings (dtype, param_dtype, scan_layers, remat_policy, activation_sharding) apply to both towers and mean what
+they mean everywhere.
 """
 
 import dataclasses
@@ -70,11 +71,13 @@ class TwoTowers(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     def tower_settings(self) -> dict[str, Any]:
         """The settings both towers take from this module."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                    remat_policy=self.remat_policy, return_hidden=self.return_hidden)
+                    remat_policy=self.remat_policy, return_hidden=self.return_hidden,
+                    activation_sharding=self.activation_sharding)
 
     @nn.compact
     def __call__(

@@ -27,9 +27,10 @@ LayerNorm_0, MlpBlock_0}`, `head/{kernel [D, E], bias [E]}`. Attention: query/ke
 bias [N, H]; out kernel [N, H, D] and bias [D].
 
 Module settings, the same as the decoder's (`gemma.Decoder`): `dtype` (compute) and `param_dtype` (a name or a jnp
-dtype, see utils.dtypes), `scan_layers` (the blocks stacked under `encoderblock` and run by nn.scan) and
-`remat_policy` (a jax.checkpoint_policies name). LayerNorm statistics, attention logits and the softmax are computed
-in float32, then cast back.
+dtype, see utils.dtypes), `scan_layers` (the blocks stacked under `encoderblock` and run by nn.scan),
+`remat_policy` (a jax.checkpoint_policies name) and `activation_sharding` (a `jax.sharding.Sharding` every block's
+input and output [B, P, D] is held to inside jit, `layers.constrain`; None: no constraint). LayerNorm statistics,
+attention logits and the softmax are computed in float32, then cast back.
 """
 
 import dataclasses
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision_lite.models.attention import BIG_NEG
-from big_vision_lite.models.layers import LayerNorm, remat
+from big_vision_lite.models.layers import LayerNorm, constrain, remat
 from big_vision_lite.utils.dtypes import as_dtype
 
 POOL_TYPES = ("map", "gap", "none")
@@ -217,7 +218,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """One pre-LayerNorm block. Returns (x, x or None): the second is what nn.scan stacks as per-layer output."""
+    """One pre-LayerNorm block. Returns (x, x or None): the second is what nn.scan stacks as per-layer output. The
+    input and output [B, T, D] are held to `activation_sharding` (None: free)."""
 
     mlp_dim: int
     num_heads: int
@@ -225,15 +227,17 @@ class EncoderBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     norm_eps: float = 1e-6
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain(x, self.activation_sharding)
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(x)
         y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, y, key_mask)
         x = x + y
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_1")(x)
-        x = x + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y)
+        x = constrain(x + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y), self.activation_sharding)
         return x, (x if self.return_hidden else None)
 
 
@@ -250,13 +254,15 @@ class Encoder(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`key_mask` [B, T]: tokens the others may attend to (None: all)."""
         block = remat(EncoderBlock, self.remat_policy, self.scan_layers)
         kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                  norm_eps=self.norm_eps, return_hidden=self.return_hidden)
+                  norm_eps=self.norm_eps, return_hidden=self.return_hidden,
+                  activation_sharding=self.activation_sharding)
         if self.scan_layers:
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth,
                               in_axes=nn.broadcast)
@@ -300,7 +306,8 @@ def tower_encoder(tower: nn.Module, cfg: Any, name: str) -> Encoder:
     both carry the same encoder fields) and the tower's module settings."""
     return Encoder(depth=cfg.depth, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, dtype=as_dtype(tower.dtype),
                    param_dtype=as_dtype(tower.param_dtype), norm_eps=cfg.norm_eps, scan_layers=tower.scan_layers,
-                   remat_policy=tower.remat_policy, return_hidden=tower.return_hidden, name=name)
+                   remat_policy=tower.remat_policy, return_hidden=tower.return_hidden,
+                   activation_sharding=tower.activation_sharding, name=name)
 
 
 class ViT(nn.Module):
@@ -316,6 +323,7 @@ class ViT(nn.Module):
     scan_layers: bool = False
     remat_policy: str | None = None
     return_hidden: bool = False
+    activation_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array | NaFlexImages) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -6,8 +6,9 @@ image (ViT patches), T text tokens per example (PaliGemma: image tokens + text),
 
 What is compiled is what `bvl train` runs: `build_train_step` of `train/loop.py` with the optimizer of
 `train/optimizer.py` (frozen parameters by `config.trainable`), the state and batch placed by `tree_shardings` and
-`batch_sharding` of `train/sharding.py` on a `make_mesh` mesh, jitted with the state donated, and the tasks' own
-losses (`siglip_grads` / `caption_loss` of `train/tasks`). Only the model is built from the config or preset
+`batch_sharding` of `train/sharding.py` on a `make_mesh` mesh, jitted with the state donated, the tasks' own
+losses (`siglip_grads` / `caption_loss` of `train/tasks`) and the models' activations held to the batch sharding,
+as the tasks train them. Only the model is built from the config or preset
 directly, since the real tasks build data sources and tokenizers first (and PaliGemma a finished SigLIP run).
 
 Per device, for each remat policy:
@@ -143,11 +144,14 @@ def planning_config(spec: str, overrides: Sequence[str] = (), finetune: str = "f
     return apply_overrides(config, [*FINETUNE[finetune], *overrides])
 
 
-def build_model(config: ml_collections.ConfigDict, remat_policy: str | None) -> nn.Module:
-    """The config's model as its task builds it (a preset's from its published sizes), with `remat_policy`."""
+def build_model(config: ml_collections.ConfigDict, remat_policy: str | None,
+                activation_sharding: jax.sharding.Sharding | None = None) -> nn.Module:
+    """The config's model as its task builds it (a preset's from its published sizes), with `remat_policy` and
+    `activation_sharding` (what the tasks train with: the mesh's `batch_sharding`)."""
     model = config.model.to_dict()
     settings = {k: model.pop(k) for k in MODULE_SETTINGS if k in model}
-    settings |= {"dtype": as_dtype(settings.get("dtype", "float32")), "remat_policy": remat_policy}
+    settings |= {"dtype": as_dtype(settings.get("dtype", "float32")), "remat_policy": remat_policy,
+                 "activation_sharding": activation_sharding}
     if config.task == "siglip":
         if "preset" in config:
             cfg = PRESETS[config.preset].config()
@@ -333,7 +337,7 @@ def plan_step(config: ml_collections.ConfigDict, mesh: Mesh, remat_policy: str |
                              "accumulation; --set accum_steps=1, and --batch the micro-batch to see its activations")
         if config.loss.impl not in IMPLS:
             raise ValueError(f"loss.impl must be one of {', '.join(IMPLS)}, got {config.loss.impl!r}")
-    model = build_model(config, remat_policy)
+    model = build_model(config, remat_policy, batch_sharding(mesh))
     init = two_towers_init if isinstance(model, TwoTowers) else paligemma_init
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     params_shape = jax.eval_shape(lambda key: init(model, key), rng)
