@@ -46,6 +46,7 @@ from big_vision_lite.models.paligemma import (
 )
 from big_vision_lite.models.vit import ViTConfig, make_config, relayout_vit
 from big_vision_lite.train.runs import Requirement, default_workdir
+from big_vision_lite.train.sharding import batch_sharding
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
 from big_vision_lite.utils.dtypes import as_dtype, dtype_name
 
@@ -167,6 +168,10 @@ class PaliGemmaTask:
         self.model = PaliGemma(PaliGemmaConfig(vision, llm, self.processor.image_token_id),
                                dtype=as_dtype(model.dtype), scan_layers=model.scan_layers,
                                remat_policy=model.remat_policy)
+        # Training keeps the activations split like the batch (an `fsdp` mesh would otherwise split some by feature
+        # and hold the whole batch on every device); captioning runs `self.model`, free of the mesh, since with
+        # several processes each evaluates on its own host copy of the parameters.
+        self.train_model = self.model.clone(activation_sharding=None if mesh is None else batch_sharding(mesh))
         self._run_info = RunInfo("paligemma", paligemma_config_to_dict(self.model.config),
                                  dtype=dtype_name(self.model.dtype), param_dtype=dtype_name(self.model.param_dtype),
                                  scan_layers=model.scan_layers, remat_policy=model.remat_policy,
@@ -209,7 +214,8 @@ class PaliGemmaTask:
     def train_grads(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         del rng  # no dropout
-        (loss, accuracy), grads = jax.value_and_grad(lambda p: caption_loss(self.model, p, batch), has_aux=True)(params)
+        (loss, accuracy), grads = jax.value_and_grad(lambda p: caption_loss(self.train_model, p, batch),
+                                                     has_aux=True)(params)
         return loss, {"token_accuracy": accuracy}, grads
 
     def evaluate(self, params: Any) -> dict[str, float]:

@@ -18,6 +18,7 @@ Axis letters: B global batch, A accumulation micro-batches, E embedding width, S
 """
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from big_vision_lite.losses import sigmoid_loss
 from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers_config
 from big_vision_lite.models.vit import NaFlexImages
 from big_vision_lite.train.runs import Requirement
-from big_vision_lite.train.sharding import BATCH_AXES, constrain_batch
+from big_vision_lite.train.sharding import BATCH_AXES, batch_sharding, constrain_batch
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
 from big_vision_lite.utils.dtypes import as_dtype, dtype_name
 
@@ -91,6 +92,10 @@ class SiglipTask:
         if "dtype" in settings:
             settings["dtype"] = as_dtype(settings["dtype"])  # one kind of value: equal modules share compilations
         self.model = TwoTowers(two_towers_config(model), **settings)
+        # Training keeps the towers' activations split like the batch (an `fsdp` mesh would otherwise split some by
+        # feature and hold the whole batch on every device); evaluation runs `self.model`, free of the mesh, since
+        # with several processes each evaluates on its own host copy of the parameters.
+        self.train_model = self.model.clone(activation_sharding=None if mesh is None else batch_sharding(mesh))
         self._run_info = RunInfo("siglip", dataclasses.asdict(self.model.config), dtype=dtype_name(self.model.dtype),
                                  param_dtype=dtype_name(self.model.param_dtype), scan_layers=self.model.scan_layers,
                                  remat_policy=self.model.remat_policy)
@@ -130,7 +135,7 @@ class SiglipTask:
                     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         del rng  # no dropout: SigLIP trains deterministically
         if self.config.accum_steps == 1:
-            loss, stats, t, b, grads = siglip_grads(self.model, params, batch, self.config.loss, self.mesh)
+            loss, stats, t, b, grads = siglip_grads(self.train_model, params, batch, self.config.loss, self.mesh)
         else:
             loss, stats, t, b, grads = self._accumulated_grads(params, batch)
         metrics = {f"logits/{k}": v for k, v in stats.items()} | {"t": t, "b": b}
@@ -176,12 +181,6 @@ class SiglipTask:
         zimg, ztxt, _ = self.model.apply({"params": params}, images, tokens)
         return zimg, ztxt
 
-    def _loss(self, zimg: jax.Array, ztxt: jax.Array, t: jax.Array, b: jax.Array) -> tuple[jax.Array, dict]:
-        zimg, ztxt = constrain_batch(zimg, self.mesh), constrain_batch(ztxt, self.mesh)
-        loss = self.config.loss
-        return sigmoid_loss(zimg, ztxt, t, b, impl=loss.impl, block_size=loss.block_size, mesh=self.mesh,
-                            axis_name=BATCH_AXES)
-
     def _accumulated_grads(self, params: Any, batch: dict[str, jax.Array]):
         """Exact full-batch gradient with one micro-batch of activations at a time (see the module docstring)."""
         steps = self.config.accum_steps
@@ -190,13 +189,15 @@ class SiglipTask:
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, steps, *x.shape[1:]), 0, 1), batch)  # [A, B/A]
 
         def embed(p, mb):
-            return self._embed_both(p, mb["image"], mb["text"])
+            zimg, ztxt, _ = self.train_model.apply({"params": p}, mb["image"], mb["text"])
+            return zimg, ztxt
 
         zimg, ztxt = jax.lax.map(lambda mb: embed(params, mb), micro)  # [A, B/A, E] each
         unsplit = lambda z: jnp.swapaxes(z, 0, 1).reshape(-1, z.shape[-1])  # noqa: E731  [B, E], original order
         (t, b), scalars_vjp = jax.vjp(lambda p: tuple(v[0] for v in self._scalars(p)), params)
+        loss_fn = functools.partial(siglip_loss, loss=self.config.loss, mesh=self.mesh)
         (loss, stats), (g_img, g_txt, g_t, g_b) = jax.value_and_grad(
-            self._loss, argnums=(0, 1, 2, 3), has_aux=True)(unsplit(zimg), unsplit(ztxt), t, b)
+            loss_fn, argnums=(0, 1, 2, 3), has_aux=True)(unsplit(zimg), unsplit(ztxt), t, b)
         (grads,) = scalars_vjp((g_t, g_b))
         split = lambda g: jnp.swapaxes(g.reshape(-1, steps, g.shape[-1]), 0, 1)  # noqa: E731  [A, B/A, E]
 
