@@ -12,9 +12,14 @@ Timing: the sides of a benchmark run in turn, round after round, the order rotat
 that load (from /proc/stat): on a 2-core machine a busy neighbour slows torch's OpenMP threads far more than XLA's
 thread pool, so only runs on a quiet machine give fair ratios, and the tables warn (`busy_warning`) above
 `BUSY_WARNING`.
+
+Training steps (`train_step_timing`): our compiled step (`JaxStepRunner`) and PyTorch steps (`TorchStepRunner`,
+optimised by `torch_adamw`) first take the same untimed checked steps, torch is probed at each thread count
+(`probe_torch_threads`), then blocks of steps are timed interleaved.
 """
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -173,6 +178,131 @@ def environment(*, loadavg_start: list[float] | None, torch_threads: int | None 
         "loadavg_start": loadavg_start,
         "loadavg_end": loadavg(),
     }
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| / |b| (b's magnitude floored at 1e-30)."""
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+class JaxStepRunner:
+    """A compiled train step over a donated state, cycling through `batches`; `run(n)` takes n steps and waits for
+    their results (`block_until_ready`)."""
+
+    def __init__(self, compiled: Any, state: Any, batches: Sequence[Any]):
+        self.compiled, self.state, self.batches = compiled, state, batches
+        self.steps_done = 0
+        self.last_metrics: dict[str, jax.Array] = {}
+
+    def run(self, n: int) -> list[jax.Array]:
+        losses = []
+        for _ in range(n):
+            batch = self.batches[self.steps_done % len(self.batches)]
+            self.state, self.last_metrics = self.compiled(self.state, batch)
+            losses.append(self.last_metrics["loss"])
+            self.steps_done += 1
+        jax.block_until_ready((self.state, self.last_metrics))
+        return losses
+
+
+class TorchStepRunner:
+    """A PyTorch train step: `loss_fn(batch)` (forward and loss), backward, global-norm clipping of `params` (the
+    trained tensors), `optimizer` and `scheduler` steps, cycling through `batches`; `run(n)` takes n steps."""
+
+    def __init__(self, loss_fn: Callable[[Any], Any], params: Sequence[Any], optimizer: Any, scheduler: Any,
+                 batches: Sequence[Any], clip_norm: float | None):
+        self.loss_fn, self.params, self.optimizer, self.scheduler = loss_fn, list(params), optimizer, scheduler
+        self.batches, self.clip_norm = batches, clip_norm
+        self.steps_done = 0
+        self.last_loss: Any = None
+
+    def step(self) -> Any:
+        import torch
+
+        loss = self.loss_fn(self.batches[self.steps_done % len(self.batches)])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_done += 1
+        self.last_loss = loss.detach()
+        return self.last_loss
+
+    def run(self, n: int) -> list[Any]:
+        return [self.step() for _ in range(n)]
+
+
+def torch_adamw(decayed: Sequence[Any], not_decayed: Sequence[Any], opt: Mapping[str, Any],
+                schedule_values: np.ndarray, fused: bool) -> tuple[Any, Any]:
+    """(torch AdamW, LambdaLR) making optax's updates: `opt` holds our optimizer's lr, b1, b2 and weight_decay
+    (applied to `decayed` only); the scheduler replays `schedule_values` (the lr at each step, from 0)."""
+    import torch
+
+    groups = [{"params": list(decayed), "weight_decay": opt["weight_decay"]},
+              {"params": list(not_decayed), "weight_decay": 0.0}]
+    # optax's adamw: eps 1e-8 added to sqrt(v_hat), decoupled decay lr * wd * p: torch's AdamW does the same.
+    optimizer = torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=1e-8, fused=fused)
+    last = len(schedule_values) - 1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: float(schedule_values[min(s, last)]) / opt["lr"])  # s = steps taken so far, like optax
+    return optimizer, scheduler
+
+
+def probe_torch_threads(runners: Mapping[str, TorchStepRunner], candidates: Sequence[int], steps: int
+                        ) -> dict[int, dict[str, float]]:
+    """Seconds per step of `steps` steps of every torch side at each thread count (untimed in the result)."""
+    import torch
+
+    probe: dict[int, dict[str, float]] = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        probe[n] = {}
+        for impl, runner in runners.items():
+            t0 = time.perf_counter()
+            runner.run(steps)
+            probe[n][impl] = (time.perf_counter() - t0) / steps
+    return probe
+
+
+def torch_thread_candidates(torch_threads: int | None) -> list[int]:
+    """The thread counts torch is probed at: `torch_threads` alone, or every CPU and 1 (None)."""
+    return [torch_threads] if torch_threads else sorted({cpu_count(), 1}, reverse=True)
+
+
+def train_step_timing(ours: JaxStepRunner, runners: Mapping[str, TorchStepRunner], *, steps: int, block_steps: int,
+                      check_steps: int, candidates: Sequence[int]) -> dict[str, Any]:
+    """Checks, probes and times train steps (see the module docstring); every side takes the same steps.
+
+    First `check_steps` untimed steps on every side (from the same weights on the same batches: also the
+    warm-up); with several thread `candidates`, `probe_torch_threads` (one block per count; ours takes as many
+    untimed steps) and torch set to the count whose fastest side was fastest (else to the one candidate); then
+    `steps // block_steps` rounds of `timed_interleaved` blocks. Returns `check` (losses per side), `probe`,
+    `threads`, `per_step` (seconds per step of each timed block, per side), `busy` and `final` (each side's loss
+    at its last step).
+    """
+    import torch
+
+    check = {"ours": [float(x) for x in jax.device_get(ours.run(check_steps))]}
+    check |= {impl: [float(x) for x in runner.run(check_steps)] for impl, runner in runners.items()}
+    probe: dict[int, dict[str, float]] = {}
+    if len(candidates) > 1:
+        probe = probe_torch_threads(runners, candidates, block_steps)
+        ours.run(block_steps * len(candidates))
+    threads = min(probe, key=lambda n: min(probe[n].values())) if probe else candidates[0]
+    torch.set_num_threads(threads)
+
+    fns: dict[str, Callable[[], Any]] = {"ours": functools.partial(ours.run, block_steps)}
+    fns |= {impl: functools.partial(runner.run, block_steps) for impl, runner in runners.items()}
+    block_times, busy = timed_interleaved(fns, steps // block_steps)
+    if any(runner.steps_done != ours.steps_done for runner in runners.values()):
+        raise AssertionError(f"the sides took different numbers of steps: ours {ours.steps_done}, torch "
+                             f"{ {impl: r.steps_done for impl, r in runners.items()} }")
+    final = {"ours": float(jax.device_get(ours.last_metrics["loss"]))}
+    final |= {impl: float(runner.last_loss) for impl, runner in runners.items()}
+    per_step = {name: [t / block_steps for t in ts] for name, ts in block_times.items()}
+    return {"check": check, "probe": probe, "threads": threads, "per_step": per_step, "busy": busy, "final": final}
 
 
 def bench_tokens(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:

@@ -38,10 +38,9 @@ reported as well. The share of the CPUs other processes took while timing is rec
 a fair ratio.
 """
 
-import functools
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,16 +48,20 @@ import ml_collections
 import numpy as np
 
 from big_vision_lite.bench.harness import (
+    JaxStepRunner,
+    TorchStepRunner,
     busy_cell,
     busy_warning,
-    cpu_count,
     environment,
     loadavg,
     median_ms,
     peak_rss_gib,
-    timed_interleaved,
+    rel_diff,
     times_ms,
+    torch_adamw,
     torch_num_threads,
+    torch_thread_candidates,
+    train_step_timing,
 )
 from big_vision_lite.checkpoints.hf_siglip import siglip_config_to_hf, siglip_params_to_hf
 from big_vision_lite.train.config import load_config
@@ -86,64 +89,6 @@ def bench_batches(image_size: int, max_len: int, vocab_size: int, batch: int, co
     rng = np.random.default_rng(seed)
     return [{"image": rng.uniform(-1.0, 1.0, size=(batch, image_size, image_size, 3)).astype(np.float32),
              "text": rng.integers(0, vocab_size, size=(batch, max_len), dtype=np.int32)} for _ in range(count)]
-
-
-def rel_diff(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
-
-
-class _OursRunner:
-    """Our compiled step over a donated state; `run(n)` takes n steps and waits for their results."""
-
-    def __init__(self, compiled: Any, state: Any, batches: Sequence[dict[str, jax.Array]]):
-        self.compiled, self.state, self.batches = compiled, state, batches
-        self.steps_done = 0
-        self.last_metrics: dict[str, jax.Array] = {}
-
-    def run(self, n: int) -> list[jax.Array]:
-        losses = []
-        for _ in range(n):
-            batch = self.batches[self.steps_done % len(self.batches)]
-            self.state, self.last_metrics = self.compiled(self.state, batch)
-            losses.append(self.last_metrics["loss"])
-            self.steps_done += 1
-        jax.block_until_ready((self.state, self.last_metrics))
-        return losses
-
-
-class _TorchRunner:
-    """The PyTorch step: forward, sigmoid loss, backward, clip, AdamW, schedule; `run(n)` takes n steps."""
-
-    def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Sequence[tuple[Any, Any]],
-                 clip_norm: float | None):
-        import torch
-
-        self.model, self.optimizer, self.scheduler, self.batches = model, optimizer, scheduler, batches
-        self.clip_norm = clip_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        b = batches[0][0].shape[0]
-        self.signs = 2 * torch.eye(b) - 1  # z: +1 on the matching pairs, -1 elsewhere
-        self.steps_done = 0
-        self.last_loss: Any = None
-
-    def step(self) -> Any:
-        import torch
-
-        pixels, ids = self.batches[self.steps_done % len(self.batches)]
-        logits = self.model(input_ids=ids, pixel_values=pixels).logits_per_image  # [B images, B texts]
-        loss = -torch.nn.functional.logsigmoid(self.signs * logits).sum() / logits.shape[0]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.steps_done += 1
-        self.last_loss = loss.detach()
-        return self.last_loss
-
-    def run(self, n: int) -> list[Any]:
-        return [self.step() for _ in range(n)]
 
 
 def decay_flags(params: Any, cfg: Any) -> dict[str, bool]:
@@ -181,13 +126,9 @@ def build_torch_side(host_params: Any, cfg: Any, opt: ml_collections.ConfigDict,
     if set(named) != set(flags):
         raise ValueError(f"SiglipModel's parameters differ from the converted ones: "
                          f"{sorted(set(named) ^ set(flags))[:5]}")
-    groups = [{"params": [p for n, p in named.items() if flags[n]], "weight_decay": opt.weight_decay},
-              {"params": [p for n, p in named.items() if not flags[n]], "weight_decay": 0.0}]
-    # optax's adamw: eps 1e-8 added to sqrt(v_hat), decoupled decay lr * wd * p: torch's AdamW does the same.
-    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.b1, opt.b2), eps=1e-8, fused=fused_adamw)
-    last = len(schedule_values) - 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: float(schedule_values[min(s, last)]) / opt.lr)  # s = steps taken so far, like optax
+    optimizer, scheduler = torch_adamw([p for n, p in named.items() if flags[n]],
+                                       [p for n, p in named.items() if not flags[n]], opt, schedule_values,
+                                       fused_adamw)
     facts = {"decayed_tensors": sum(flags.values()), "tensors": len(flags)}
     return model, optimizer, scheduler, facts
 
@@ -204,8 +145,21 @@ def _sizes(config: ml_collections.ConfigDict, cfg: Any, n_params: int) -> dict[s
     }
 
 
+def sigmoid_loss_fn(model: Any, batch_size: int) -> Callable[[tuple[Any, Any]], Any]:
+    """The PyTorch loss of a batch (pixels, ids): -sum(log_sigmoid(z * logits_per_image)) / B."""
+    import torch
+
+    signs = 2 * torch.eye(batch_size) - 1  # z: +1 on the matching pairs, -1 elsewhere
+
+    def loss_fn(batch: tuple[Any, Any]) -> Any:
+        pixels, ids = batch
+        logits = model(input_ids=ids, pixel_values=pixels).logits_per_image  # [B images, B texts]
+        return -torch.nn.functional.logsigmoid(signs * logits).sum() / logits.shape[0]
+    return loss_fn
+
+
 def _build_ours(config: ml_collections.ConfigDict, seed: int, num_batches: int
-                ) -> tuple[_OursRunner, Trainer, Any, list[dict[str, np.ndarray]], float]:
+                ) -> tuple[JaxStepRunner, Trainer, Any, list[dict[str, np.ndarray]], float]:
     """(runner, trainer, host copy of the initial params, host batches, compile seconds): `train.loop.prepare`'s
     jitted step (what `bvl train` runs), compiled ahead of time, over a fresh state from the task's parameters."""
     with tempfile.TemporaryDirectory(prefix="bvl_bench_siglip_train_") as workdir:
@@ -221,23 +175,7 @@ def _build_ours(config: ml_collections.ConfigDict, seed: int, num_batches: int
     t0 = time.perf_counter()
     compiled = trainer.step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    return _OursRunner(compiled, state, batches), trainer, host_params, host_batches, compile_s
-
-
-def _probe_torch_threads(runners: dict[str, _TorchRunner], candidates: Sequence[int], steps: int
-                         ) -> dict[int, dict[str, float]]:
-    """Seconds per step of `steps` steps of every torch side at each thread count (untimed in the result)."""
-    import torch
-
-    probe: dict[int, dict[str, float]] = {}
-    for n in candidates:
-        torch.set_num_threads(n)
-        probe[n] = {}
-        for impl, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.run(steps)
-            probe[n][impl] = (time.perf_counter() - t0) / steps
-    return probe
+    return JaxStepRunner(compiled, state, batches), trainer, host_params, host_batches, compile_s
 
 
 def run_siglip_train_bench(
@@ -301,40 +239,26 @@ def run_siglip_train_bench(
     config.seed += seed  # `prepare` derives the initial parameters and the step's rng from config.seed
     reuse_freed_host_memory()  # as `prepare` does, but before torch starts its threads (same process)
     loadavg_start = loadavg()
-    candidates = [torch_threads] if torch_threads else sorted({cpu_count(), 1}, reverse=True)
+    candidates = torch_thread_candidates(torch_threads)
     with torch_num_threads(candidates[0]):
         ours, trainer, host_params, host_batches, compile_s = _build_ours(config, seed, num_batches)
         cfg = trainer.task.model.config
         schedule_values = np.asarray(trainer.schedule(np.arange(config.total_steps + 1)), np.float64)
         torch_batches = [(torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()),  # [B, 3, R, R]
                           torch.from_numpy(b["text"].astype(np.int64))) for b in host_batches]
-        runners: dict[str, _TorchRunner] = {}
+        runners: dict[str, TorchStepRunner] = {}
         for impl in impls:
             model, torch_opt, scheduler, torch_facts = build_torch_side(
                 host_params, cfg, config.optimizer, schedule_values, impl, fused_adamw)
-            runners[impl] = _TorchRunner(model, torch_opt, scheduler, torch_batches, config.optimizer.clip_norm)
-
-        # Untimed: the same check_steps on every side, from the same weights on the same batches (also warm-up).
-        check = {"ours": [float(x) for x in jax.device_get(ours.run(check_steps))]}
-        check |= {impl: [float(x) for x in runner.run(check_steps)] for impl, runner in runners.items()}
-        probe: dict[int, dict[str, float]] = {}
-        if len(candidates) > 1:
-            probe = _probe_torch_threads(runners, candidates, block_steps)
-            ours.run(block_steps * len(candidates))
-        threads = min(probe, key=lambda n: min(probe[n].values())) if probe else candidates[0]
-        torch.set_num_threads(threads)
-
-        fns = {"ours": functools.partial(ours.run, block_steps)}
-        fns |= {impl: functools.partial(runner.run, block_steps) for impl, runner in runners.items()}
-        block_times, busy = timed_interleaved(fns, steps // block_steps)
-        if any(runner.steps_done != ours.steps_done for runner in runners.values()):
-            raise AssertionError(f"the sides took different numbers of steps: ours {ours.steps_done}, torch "
-                                 f"{ {impl: r.steps_done for impl, r in runners.items()} }")
-        final = {"ours": float(jax.device_get(ours.last_metrics["loss"]))}
-        final |= {impl: float(runner.last_loss) for impl, runner in runners.items()}
+            runners[impl] = TorchStepRunner(sigmoid_loss_fn(model, config.batch_size),
+                                            [p for p in model.parameters() if p.requires_grad], torch_opt, scheduler,
+                                            torch_batches, config.optimizer.clip_norm)
+        timing = train_step_timing(ours, runners, steps=steps, block_steps=block_steps, check_steps=check_steps,
+                                   candidates=candidates)
+        check, probe, threads, final = timing["check"], timing["probe"], timing["threads"], timing["final"]
+        busy, per_step = timing["busy"], timing["per_step"]
         env = environment(loadavg_start=loadavg_start, torch_threads=threads)
 
-    per_step = {name: [t / block_steps for t in ts] for name, ts in block_times.items()}
     step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
     best = min(impls, key=step_s.__getitem__)
     sides = {}
