@@ -31,3 +31,4 @@ bench: setup
 	-$(BIN)/bvl bench forward gemma3-270m --json bench_forward.json
 	-$(BIN)/bvl bench decode gemma3-270m --json bench_decode.json
 	-$(BIN)/bvl bench decode gemma3-270m --dtype bfloat16 --json bench_decode_bf16.json
+	-$(BIN)/bvl bench paligemma-train --json bench_paligemma_train.json

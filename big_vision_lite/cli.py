@@ -287,6 +287,14 @@ def _bench_siglip_train(args: argparse.Namespace) -> tuple[dict, str]:
     return result, format_siglip_train_table(result)
 
 
+def _bench_paligemma_train(args: argparse.Namespace) -> tuple[dict, str]:
+    from big_vision_lite.bench.paligemma_train import format_paligemma_train_table, run_paligemma_train_bench
+
+    result = run_paligemma_train_bench(models=args.models, settings=args.settings, batch_size=args.batch_size,
+                                       steps=args.steps)
+    return result, format_paligemma_train_table(result)
+
+
 def _bench_kv_eviction(args: argparse.Namespace) -> tuple[dict, str]:
     from big_vision_lite.bench.kv_eviction import (
         format_kv_eviction_table,
@@ -302,7 +310,8 @@ def _bench_kv_eviction(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 BENCHMARKS = {"forward": _bench_forward, "decode": _bench_decode, "siglip-loss": _bench_siglip_loss,
-              "siglip-train": _bench_siglip_train, "kv-eviction": _bench_kv_eviction}
+              "siglip-train": _bench_siglip_train, "paligemma-train": _bench_paligemma_train,
+              "kv-eviction": _bench_kv_eviction}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -468,6 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("siglip-loss", help="sigmoid loss, dense vs blocked: peak memory and time")
     p.add_argument("--json", help="write the results as JSON to this file")
     p = bench_sub.add_parser("siglip-train", help="SigLIP train step examples/s vs transformers SiglipModel")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p = bench_sub.add_parser("paligemma-train", help="PaliGemma fine-tuning step examples/s (full, attention-only, "
+                                                     "LoRA) vs transformers PaliGemmaForConditionalGeneration")
+    p.add_argument("--models", nargs="+", choices=["caption", "large"], default=["caption", "large"],
+                   help="caption: paligemma_shapes_caption's sizes; large: 224 px, decoder width 512, depth 6")
+    p.add_argument("--settings", nargs="+", choices=["full", "attention", "lora"],
+                   default=["full", "attention", "lora"])
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="every model's batch (default: caption 64, large 8)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=10, help="timed steps per side (a multiple of 2)")
     p.add_argument("--json", help="write the results as JSON to this file")
     return parser
 
