@@ -20,7 +20,7 @@ LAYERS = {
     "models": 1, "losses": 1,
     "checkpoints": 2, "decoding": 2,
     "data": 3,
-    "generate": 4, "convert": 4, "train": 4, "parity": 4,
+    "generate": 4, "convert": 4, "train": 4, "parity": 4, "launch": 4,
     "bench": 5,
     "cli": 6,
 }

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from big_vision_lite.checkpoints.run import load_params
-from big_vision_lite.data import ShapesSpec, make_train_loader, shapes_source
+from big_vision_lite.data import ShapesSpec, make_eval_batches, make_train_loader, shapes_source
 from big_vision_lite.launch import free_port
 from big_vision_lite.train.config import load_config
 from big_vision_lite.train.distributed import DistributedError, process_group
@@ -96,6 +96,23 @@ def test_process_rows_of_a_batch_are_the_one_process_batch():
         make_train_loader(source, **{**kwargs, "rows": (4, 9)})
 
 
+def test_evaluation_shares_cover_every_batch_once():
+    """Each process evaluates a contiguous share of the eval batches; together, in process order, every batch once
+    (also when the process count does not divide them, or exceeds them)."""
+    source = shapes_source(ShapesSpec(), "test")
+    kwargs = dict(batch_size=64, image_size=8, tokenizer=None, max_len=8)
+    with make_eval_batches(source, **kwargs) as loader:
+        whole = np.concatenate([b["index"] for b in loader])
+    for count in (2, 3, len(whole) // 64 + 2):
+        shares = []
+        for index in range(count):
+            with make_eval_batches(source, **kwargs, share=(index, count)) as loader:
+                shares += [b["index"] for b in loader]
+        np.testing.assert_array_equal(np.concatenate(shares), whole)
+    with pytest.raises(ValueError, match=r"share \(2, 2\): index must be in \[0, 1\]"):
+        make_eval_batches(source, **kwargs, share=(2, 2))
+
+
 def test_two_processes_killed_resume_and_equal_one_process(one_process_run, tmp_path):
     """2 processes x 4 devices: `kill -9` of process 1 mid-run ends the launch within 60 s with a line naming it;
     the same launch resumes from the last complete checkpoint; the finished run equals one process x 8 devices
@@ -128,8 +145,12 @@ def test_two_processes_killed_resume_and_equal_one_process(one_process_run, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(resumed from step {max(done)})" in resumed.stdout
     assert resumed.stdout.count("trained 24 steps") == 1  # process 0 alone reports, writes metrics and results
-    assert json.loads((workdir / "result.json").read_text())["start_step"] == max(done)
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["start_step"] == max(done)
     _assert_same_run(workdir, one_process_run)
+    # Each process retrieved with its share of the held-out embeddings, gathered: the one-process figures.
+    expected = json.loads((one_process_run / "result.json").read_text())["final_eval"]
+    assert result["final_eval"] == pytest.approx(expected, abs=1e-3)
 
     copy = tmp_path / "copy"
     alone = subprocess.run([*CLI, "train", *RUN, "--workdir", str(copy)], capture_output=True, text=True,

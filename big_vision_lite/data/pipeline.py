@@ -304,17 +304,27 @@ def make_eval_batches(
     max_len: int,
     worker_count: int = 0,
     prefetch: int = 2,
+    share: tuple[int, int] | None = None,
 ) -> Loader:
     """Every example of `source` once, in order, in ceil(N / B) batches of fixed size B.
 
     The last batch is padded to B (black image, i.e. -1, and the text of an empty caption) and the padding
     masked (`mask` False, `index` -1); unreadable images are masked the same way and counted in `skipped`.
     Fixed shapes mean one compilation of the eval step.
+
+    share: (i, n), only the i-th of n contiguous runs of those batches (process i's share of an evaluation run by
+    n processes; the first runs hold one batch more when n does not divide their number); None: all of them.
     """
     _check_args(source, batch_size, image_size, max_len, worker_count, prefetch)
     num_batches = math.ceil(len(source) / batch_size)
+    start, stop = 0, num_batches
+    if share is not None:
+        index, count = share
+        if not 0 <= index < count:
+            raise ValueError(f"share {share}: index must be in [0, {count - 1}]")
+        start, stop = (index * num_batches) // count, ((index + 1) * num_batches) // count
     builder = _BatchBuilder(source, batch_size, image_size, tokenizer, max_len, 0, False, "eval")
-    return _loader(builder, 0, num_batches, worker_count, prefetch, num_batches)
+    return _loader(builder, start, stop, worker_count, prefetch, stop - start)
 
 
 def _check_args(

@@ -71,7 +71,7 @@ class Checkpointer:
         When every checkpoint proves corrupt, all are set aside and CheckpointError says so: the run does not
         silently start again from step 0 (running again does, the history kept).
         """
-        steps = self.steps()
+        steps = on_main_process("listing the checkpoints", self.steps)  # one listing for the group
         for step in reversed(steps):
             restored, error = None, None
             try:

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -214,6 +215,19 @@ def process_rows(global_rows: int) -> tuple[int, int]:
         raise ValueError(f"the global batch of {global_rows} does not split evenly over {count} processes")
     share = global_rows // count
     return index * share, (index + 1) * share
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` (anything pickle holds) of every process, in process order; every process must call it. How each
+    process's share of an evaluation is put back together."""
+    if jax.process_count() == 1:
+        return [value]
+    payload = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(payload.size))).reshape(-1)  # [processes]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)  # [processes, bytes]
+    return [pickle.loads(row[:size].tobytes()) for row, size in zip(everyone, sizes.tolist(), strict=True)]
 
 
 def host_copy(tree: Any) -> Any:

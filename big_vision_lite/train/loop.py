@@ -98,7 +98,8 @@ class Task(Protocol):
         process's share), or all of it."""
 
     def evaluate(self, params: Any) -> dict[str, float]:
-        """Held-out metrics of `params`."""
+        """Held-out metrics of `params` (on this process's devices; with several processes each computes its share
+        and gathers the rest with `distributed.gather_objects`, so every process returns the same metrics)."""
 
     def report(self) -> dict[str, Any]:
         """End-of-run facts about the data (e.g. images skipped as unreadable)."""
@@ -428,6 +429,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path, changes: tup
 
 
 def _evaluate(task: Task, params: Any) -> dict[str, float]:
-    """The task's evaluation of `params`. With several processes each evaluates a whole host copy of them on its
-    own devices (the evaluation sets are small; every process gets the same numbers, process 0 logs them)."""
+    """The task's evaluation of `params`. With several processes, each gets a whole host copy of them and the task
+    evaluates its share of the examples on the process's own devices, every process getting the same numbers
+    (process 0 logs them)."""
     return task.evaluate(host_copy(params) if jax.process_count() > 1 else params)

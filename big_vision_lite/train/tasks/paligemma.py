@@ -45,6 +45,7 @@ from big_vision_lite.models.paligemma import (
     paligemma_config_to_dict,
 )
 from big_vision_lite.models.vit import ViTConfig, make_config, relayout_vit
+from big_vision_lite.train.distributed import gather_objects
 from big_vision_lite.train.runs import Requirement, default_workdir
 from big_vision_lite.train.sharding import batch_sharding
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
@@ -245,15 +246,18 @@ class PaliGemmaTask:
         return [text.strip() for text in self.processor.batch_decode(out.tokens)]
 
     def caption_source(self, params: Any, source: Any) -> tuple[list[str], list[str]]:
-        """(greedy captions, true captions) of every readable example of `source`."""
+        """(greedy captions, true captions) of every readable example of `source`; with several processes, each
+        captions its share of the batches and every process gets all of them back."""
         predicted, truth = [], []
         for batch in make_eval_batches(source, batch_size=self.config.eval_batch_size,
                                        image_size=self.config.data.image_size, tokenizer=None,
-                                       max_len=self.config.text.max_len):
+                                       max_len=self.config.text.max_len,
+                                       share=(jax.process_index(), jax.process_count())):
             keep = np.asarray(batch["mask"], bool)
             predicted += [c for c, k in zip(self.caption(params, batch["image"]), keep, strict=True) if k]
             truth += [c for c, k in zip(batch["caption"], keep, strict=True) if k]
-        return predicted, truth
+        shares = gather_objects((predicted, truth))  # in process order: the source's order
+        return [c for share in shares for c in share[0]], [c for share in shares for c in share[1]]
 
     def _logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         mask = batch["input_mask"]

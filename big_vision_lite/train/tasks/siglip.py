@@ -37,6 +37,7 @@ from big_vision_lite.data.pipeline import make_eval_batches, make_train_loader
 from big_vision_lite.losses import sigmoid_loss
 from big_vision_lite.models.two_towers import TwoTowers, init_params, two_towers_config
 from big_vision_lite.models.vit import NaFlexImages
+from big_vision_lite.train.distributed import gather_objects
 from big_vision_lite.train.runs import Requirement
 from big_vision_lite.train.sharding import BATCH_AXES, batch_sharding, constrain_batch
 from big_vision_lite.train.tasks.common import caption_tokenizer, make_sources
@@ -162,11 +163,13 @@ class SiglipTask:
         return self.naflex.process_images(list(np.clip(unit, 0, 1)), [self.grids[i] for i in picks])
 
     def embed_source(self, params: Any, source: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(zimg [N, E], ztxt [N, E], captions) of every readable example of `source`."""
+        """(zimg [N, E], ztxt [N, E], captions) of every readable example of `source`; with several processes, each
+        embeds its share of the batches and every process gets all of them back."""
         zimg, ztxt, captions = [], [], []
         for batch in make_eval_batches(source, batch_size=self.config.batch_size,
                                        image_size=self.config.data.image_size, tokenizer=self.tokenizer,
-                                       max_len=self.config.text.max_len):
+                                       max_len=self.config.text.max_len,
+                                       share=(jax.process_index(), jax.process_count())):
             images = batch["image"]
             if self.naflex is not None:  # example i at grid i mod len(grids): every grid is scored
                 images = self._naflex_images(images, np.maximum(np.asarray(batch["index"]), 0) % len(self.grids))
@@ -175,7 +178,9 @@ class SiglipTask:
             zimg.append(np.asarray(zi)[keep])
             ztxt.append(np.asarray(zt)[keep])
             captions += [c for c, k in zip(batch["caption"], keep, strict=True) if k]
-        return np.concatenate(zimg), np.concatenate(ztxt), captions
+        shares = gather_objects((zimg, ztxt, captions))  # in process order: the source's order
+        return (np.concatenate([z for share in shares for z in share[0]]),
+                np.concatenate([z for share in shares for z in share[1]]), [c for share in shares for c in share[2]])
 
     def _embed_both(self, params: Any, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         zimg, ztxt, _ = self.model.apply({"params": params}, images, tokens)
