@@ -1,5 +1,6 @@
 """The decode benchmark on a tiny checkpoint: the JSON contract, ids, derived figures and the table (never speed)."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -11,8 +12,10 @@ from big_vision_lite.bench.decode import (
     TARGET_SPEEDUP,
     agree_prefix,
     decode_bytes_per_step,
+    decode_flops_per_step,
     format_decode_table,
     mean_cache_length,
+    measure_matmul_rate,
     run_decode_bench,
 )
 from big_vision_lite.models.gemma import DecoderConfig
@@ -139,6 +142,17 @@ def test_helpers():
     # Untied: the output head in full, 2 looked-up input rows, the norm; keys: min(5, 3) + 5 layers.
     assert counted == {"weights": 2 * (40 + 2 * 4 + 4), "kv_cache": 2 * 2 * 2 * 1 * 2 * 8.0,
                        "total": 2 * (40 + 2 * 4 + 4) + 2 * 2 * 2 * 1 * 2 * 8.0}
+    # FLOPs: the untied head (10 x 4) is the only matmul weight here, for 2 tokens; attention: 4 x B x N x H x keys.
+    assert decode_flops_per_step(cfg, params, batch=2, cache_length=5.0) == 2 * 40 * 2 + 4 * 2 * 2 * 2 * 8.0
+    layers = {"layers": {"attn": {"q_einsum": {"w": jnp.zeros((2, 4, 2))}}, "pre_attention_norm": {"scale":
+                         jnp.zeros((2, 4))}}}  # a scanned stack: norm scales are 2-D, still not matmuls
+    tied = dataclasses.replace(cfg, tie_embeddings=True)
+    params_tied = {"embedder": {"input_embedding": jnp.zeros((10, 4))}, **layers}
+    assert decode_flops_per_step(tied, params_tied, batch=1, cache_length=5.0) == 2 * (16 + 40) + 4 * 2 * 2 * 8.0
+
+
+def test_matmul_rate_is_a_positive_rate():
+    assert measure_matmul_rate("float32", size=64, repeats=2) > 0
 
 
 def test_rejects_bad_arguments():

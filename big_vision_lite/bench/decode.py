@@ -38,6 +38,13 @@ the step time is a median too: on a shared host the bandwidth left to this machi
 (35-81 GB/s seen on the 2-core AVX-512 CPU, the highest ones short bursts), so the maximum would swing the
 fraction with the luckiest probe. The maximum is reported as well (`bandwidth_max_gbps`).
 `floor_step_ms` = bytes / bandwidth and `bandwidth_fraction` = floor_step_ms / our measured step time.
+
+The compute floor beside it: the FLOPs of one decode step (`decode_flops_per_step`: 2 per multiply-add of every
+matmul weight, the logits head included, for each of the B new tokens, plus the attention scores and their
+weighted sum over the cached keys) over a matmul rate measured in the same run (`measure_matmul_rate`: a jitted
+square matmul in the benchmark's dtype, best of its calls, probed with the bandwidth). `compute_floor_ms` =
+FLOPs / rate and `compute_fraction` = compute_floor_ms / our step time. A step far above both floors is bound by
+neither bandwidth nor arithmetic but by per-step overhead (dispatch, small kernels, copies).
 """
 
 import copy
@@ -75,6 +82,7 @@ DEFAULT_ATTN_IMPLEMENTATIONS = ("sdpa",)
 # weights out of the stacked arrays on every step; unrolled it does not (~33 against ~60 ms/step on gemma3-270m).
 DEFAULT_SCAN_LAYERS = False
 BANDWIDTH_GIB = 1.0
+MATMUL_PROBE_SIZE = 1024
 
 
 def measure_bandwidth(gib: float = BANDWIDTH_GIB, repeats: int = 5) -> dict[str, float]:
@@ -98,6 +106,16 @@ def measure_bandwidth(gib: float = BANDWIDTH_GIB, repeats: int = 5) -> dict[str,
     return result | {"best": max(result.values()), "gib": gib}
 
 
+def measure_matmul_rate(dtype: str, size: int = MATMUL_PROBE_SIZE, repeats: int = 5) -> float:
+    """GFLOP/s of a jitted [size, size] @ [size, size] matmul in `dtype`, best of `repeats` calls: what this host's
+    matmul kernels reach when the arithmetic, not memory, limits them."""
+    a = jnp.ones((size, size), dtype)
+    call = functools.partial(_wait_jax, jax.jit(jnp.matmul), a, a)
+    call()
+    best = min(interleaved_times({"matmul": call}, repeats)["matmul"])
+    return round(2 * size**3 / best / 1e9, 2)
+
+
 def _wait_jax(fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
     return fn(*args).block_until_ready()
 
@@ -119,6 +137,21 @@ def decode_bytes_per_step(cfg: DecoderConfig, params: Any, batch: int, cache_len
     keys = sum(min(cache_length, cfg.sliding_window) if sliding else cache_length for sliding in cfg.is_sliding)
     kv_cache = 2 * batch * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cache_dtype).itemsize * keys
     return {"weights": float(weights), "kv_cache": float(kv_cache), "total": float(weights + kv_cache)}
+
+
+def decode_flops_per_step(cfg: DecoderConfig, params: Any, batch: int, cache_length: float) -> float:
+    """FLOPs of one decode step: 2 x every matmul weight (each parameter but norm scales and the input embedding
+    table, which is only looked up; the logits head, a tied table included) x B tokens, plus per layer 4 x B x
+    heads x head_dim x keys for the attention scores and their weighted sum (keys: `cache_length`, at most the
+    window in sliding layers)."""
+    def is_matmul(path: tuple[Any, ...]) -> bool:
+        names = [getattr(k, "key", "") for k in path]
+        return names[-1] != "scale" and names[-2:] != ["embedder", "input_embedding"]
+    weights = sum(int(a.size) for path, a in jax.tree_util.tree_leaves_with_path(params) if is_matmul(path))
+    if cfg.tie_embeddings:
+        weights += int(params["embedder"]["input_embedding"].size)
+    keys = sum(min(cache_length, cfg.sliding_window) if sliding else cache_length for sliding in cfg.is_sliding)
+    return float(2 * weights * batch + 4 * batch * cfg.num_heads * cfg.head_dim * keys)
 
 
 def agree_prefix(ours: np.ndarray, ref: np.ndarray) -> list[int]:
@@ -224,6 +257,7 @@ def run_decode_bench(
     threads = torch_threads or cpu_count()
     with torch_num_threads(threads):
         bandwidth = [measure_bandwidth(bandwidth_gib, bandwidth_repeats)] if bandwidth_gib > 0 else []
+        matmul_gflops = [measure_matmul_rate(dtype)] if bandwidth_gib > 0 else []
         loaded, refs, load_s = load_both_sides(model, dtype, scan_layers, attn_implementations)
         module, params, cfg = loaded.module, loaded.params, loaded.config
         pad_id = 0
@@ -240,10 +274,12 @@ def run_decode_bench(
                 gc.collect()
                 if bandwidth_gib > 0:
                     bandwidth.append(measure_bandwidth(bandwidth_gib, bandwidth_repeats))
+                    matmul_gflops.append(measure_matmul_rate(dtype))
         probes = [v for b in bandwidth for k, v in b.items() if k not in ("best", "gib")]
         bandwidth_gbps = round(float(np.median(probes)), 2) if probes else None
+        matmul_rate = max(matmul_gflops, default=None)  # the rate the kernels can reach: a floor takes the best
         for row in rows:
-            _add_floor(row, bandwidth_gbps)
+            _add_floor(row, bandwidth_gbps, matmul_rate)
 
         n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
         tokens_match = all(row["tokens_match"] for row in rows)
@@ -259,10 +295,13 @@ def run_decode_bench(
             "warmup": warmup,
             **{f"speedup_b{row['batch']}": row["speedup"] for row in rows},
             **{f"bandwidth_fraction_b{row['batch']}": row["bandwidth_fraction"] for row in rows},
+            **{f"compute_fraction_b{row['batch']}": row["compute_fraction"] for row in rows},
             **{f"bytes_per_step_b{row['batch']}": row["bytes_per_step"]["total"] for row in rows},
             "tokens_match": tokens_match,
             "bandwidth_gbps": bandwidth_gbps,
             "bandwidth_max_gbps": max(probes, default=None),
+            "matmul_gflops": matmul_rate,
+            "matmul_probes_gflops": matmul_gflops,
             "mean_cache_length": cache_length,
             "targets": {"speedup": {f"b{b}": t for b, t in TARGET_SPEEDUP.items()},
                         "bandwidth_fraction_b1": TARGET_BANDWIDTH_FRACTION},
@@ -343,6 +382,7 @@ def _bench_batch(module: Any, params: Any, cfg: DecoderConfig, refs: dict[str, A
         **{f"static_{impl}_step_ms": round(s * 1e3, 6) for impl, (_, s) in static.items()},
         **{f"static_{impl}_prefill_ms": round(p * 1e3, 6) for impl, (p, _) in static.items()},
         "bytes_per_step": decode_bytes_per_step(cfg, params, batch, cache_length, dtype),
+        "flops_per_step": decode_flops_per_step(cfg, params, batch, cache_length),
         "tokens_match": bool(np.array_equal(ours_ids, reference)),
         "agree_prefix": agree_prefix(ours_ids, reference),
         "torch_sides_agree": all(np.array_equal(v, reference) for v in ids_by_side.values()),
@@ -352,12 +392,16 @@ def _bench_batch(module: Any, params: Any, cfg: DecoderConfig, refs: dict[str, A
     }
 
 
-def _add_floor(row: dict[str, Any], bandwidth_gbps: float | None) -> None:
-    """Adds `floor_step_ms` and `bandwidth_fraction` (None without a bandwidth or a step time)."""
-    floor = None if not bandwidth_gbps else row["bytes_per_step"]["total"] / (bandwidth_gbps * 1e9)
-    row["floor_step_ms"] = None if floor is None else round(floor * 1e3, 6)
+def _add_floor(row: dict[str, Any], bandwidth_gbps: float | None, matmul_gflops: float | None) -> None:
+    """Adds `floor_step_ms` and `bandwidth_fraction`, `compute_floor_ms` and `compute_fraction` (None without a
+    probe or a step time)."""
     step = row["ours_step_ms"]
-    row["bandwidth_fraction"] = None if floor is None or not step else round(floor * 1e3 / step, 4)
+    floors = {"floor_step_ms": (bandwidth_gbps, row["bytes_per_step"]["total"], "bandwidth_fraction"),
+              "compute_floor_ms": (matmul_gflops, row["flops_per_step"], "compute_fraction")}
+    for name, (rate, work, fraction) in floors.items():
+        floor = None if not rate else work / (rate * 1e9)
+        row[name] = None if floor is None else round(floor * 1e3, 6)
+        row[fraction] = None if floor is None or not step else round(floor * 1e3 / step, 4)
 
 
 def _targets_met(rows: Sequence[dict[str, Any]]) -> dict[str, bool]:
@@ -382,10 +426,12 @@ def format_decode_table(result: dict[str, Any]) -> str:
         f"ours: generate() on jax {env['jax']} {env['jax_backend']}, scan_layers={result['ours']['scan_layers']}; "
         f"torch {env['torch']} ({env['torch_num_threads']} threads, {env['cpu_count']} CPUs), transformers "
         f"{env['transformers']}",
-        f"memory bandwidth {bandwidth} (median of the probes: {probes or 'none'}); floor at mean cache length "
-        f"{result['mean_cache_length']:g}",
+        f"memory bandwidth {bandwidth} (median of the probes: {probes or 'none'}); matmul rate "
+        f"{_fmt(result['matmul_gflops'], 0, 1).strip()} GFLOP/s ({result['dtype']}, best probe); floors at mean cache "
+        f"length {result['mean_cache_length']:g}",
         f"{'batch':>5} {'compile_s':>9} {'ours':>8} " + " ".join(f"{n:>14}" for n in side_names)
-        + f" {'speedup':>7} {'step_ms':>8} {'floor_ms':>8} {'bw_frac':>7} {'match':>5} {'busy':>5}",
+        + f" {'speedup':>7} {'step_ms':>8} {'floor_ms':>8} {'bw_frac':>7} {'flop_ms':>8} {'fl_frac':>7} {'match':>5}"
+        f" {'busy':>5}",
     ]
     for row in result["batches"]:
         tps = row["tokens_per_s"]
@@ -393,11 +439,13 @@ def format_decode_table(result: dict[str, Any]) -> str:
             f"{row['batch']:>5} {row['compile_s']:>9.2f} {tps['ours']:>8.1f} "
             + " ".join(f"{tps[n]:>14.1f}" for n in side_names)
             + f" {row['speedup']:>7.3f} {_fmt(row['ours_step_ms'], 8, 2)} {_fmt(row['floor_step_ms'], 8, 2)} "
-            f"{_fmt(row['bandwidth_fraction'], 7, 3)} {'yes' if row['tokens_match'] else 'no':>5} "
+            f"{_fmt(row['bandwidth_fraction'], 7, 3)} {_fmt(row['compute_floor_ms'], 8, 2)} "
+            f"{_fmt(row['compute_fraction'], 7, 3)} {'yes' if row['tokens_match'] else 'no':>5} "
             f"{busy_cell(row.get('background_cpu')):>5}"
         )
     lines.append("tokens/s per side; speedup = ours / best PyTorch side; step_ms = our decode step "
-                 "((ours - ours_1) / (new_tokens - 1)); floor_ms = bytes per step / bandwidth; bw_frac = floor / step")
+                 "((ours - ours_1) / (new_tokens - 1)); floor_ms = bytes per step / bandwidth; bw_frac = floor / step; "
+                 "flop_ms = FLOPs per step / matmul rate; fl_frac = flop_ms / step")
     targets = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["targets_met"].items())
     lines.append(f"targets: speedup b1 >= {TARGET_SPEEDUP[1]}, b8 >= {TARGET_SPEEDUP[8]}, bandwidth fraction b1 >= "
                  f"{TARGET_BANDWIDTH_FRACTION} ({targets or 'none apply'}); tokens match transformers generate: "
