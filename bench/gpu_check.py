@@ -358,6 +358,10 @@ def run_check(out: Path, work: Path, *, dry_run: bool, budget_s: float, only: Se
                   f"{json.dumps(record.get('headline', {}), default=str)}", flush=True)
         results["steps"].append(record)
         results["summary"][step["name"]] = record["status"]
+        backend = record.get("headline", {}).get("jax_backend")
+        if step["kind"] == "env" and not dry_run and backend not in (None, "gpu", "cuda"):
+            results.setdefault("warnings", []).append(
+                f"jax runs on {backend}, not a GPU: every 'ours' figure below is a CPU figure")
         results["seconds"] = round(time.perf_counter() - t_start, 1)
         results["rerun"] = rerun_command(results)
         write_results(out, results)
