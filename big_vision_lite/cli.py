@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", choices=["full", "attention", "lora"],
                    default=["full", "attention", "lora"])
     p.add_argument("--batch-size", type=POSITIVE_INT, help="every model's batch (default: caption 64, large 8)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=10, help="timed steps per side (a multiple of 2)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=6, help="timed steps per side (a multiple of 2)")
     p.add_argument("--json", help="write the results as JSON to this file")
     return parser
 

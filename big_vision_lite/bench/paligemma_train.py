@@ -137,6 +137,7 @@ def siglip_tower_config(config: ml_collections.ConfigDict, model: str) -> ml_col
     siglip.data = ml_collections.ConfigDict(config.data.to_dict())
     if model == "large":
         siglip.model.image.update(LARGE["vision"])
+        siglip.model.out_dim = (None, LARGE["vision"]["width"])  # the text head maps to the image width
     siglip.total_steps, siglip.batch_size = 1, 2
     siglip.log_every = siglip.eval_every = siglip.ckpt_every = 1
     siglip.optimizer.warmup_steps = 0
@@ -464,7 +465,7 @@ def run_paligemma_train_bench(
     models: Sequence[str] = MODELS,
     settings: Sequence[str] = tuple(SETTINGS),
     batch_size: int | None = None,
-    steps: int = 10,
+    steps: int = 6,
     block_steps: int = 2,
     check_steps: int = 3,
     num_batches: int = 2,
