@@ -146,12 +146,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = args.model or DEMO_MODEL
     weights = "real Google weights" if model == DEMO_MODEL else "your model"
     print(f"== Golden-value parity: {model} ({weights}) against transformers (PyTorch) ==")
-    status = cmd_parity(argparse.Namespace(model=model, dtype="float32", seq_len=None, tolerance=None, json=None,
-                                              record=None, against=None))
+    parser = build_parser()  # each step's arguments as its command's parser fills them, every default included
+    status = cmd_parity(parser.parse_args(["parity", model, "--dtype", "float32"]))
     print(f"\n== Greedy generation from {model}: one jitted decode loop, a batch of prompts ==")
-    generated = cmd_generate(argparse.Namespace(
-        model=model, prompt=list(DEMO_PROMPTS), prompt_file=None, max_new_tokens=32, temperature=0.0, top_k=None,
-        top_p=None, seed=0, dtype=None, json=False, image=None))
+    prompts = [arg for prompt in DEMO_PROMPTS for arg in ("--prompt", prompt)]
+    generated = cmd_generate(parser.parse_args(["generate", model, *prompts, "--max-new-tokens", "32"]))
     print("\n== SigLIP from scratch on generated shapes: retrieval of held-out (colour, shape) pairs ==")
     import shutil
 
@@ -162,8 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with folder_lock(demo_dir, what="the demo folder"):  # held before deleting: two demos never share a run
         workdir = demo_dir / "siglip_shapes"
         shutil.rmtree(workdir, ignore_errors=True)  # the demo trains from scratch every time
-        trained = cmd_train(argparse.Namespace(config=f"{DEMO_SIGLIP_CONFIG}:{args.siglip}", workdir=str(workdir),
-                                               set=None, allow_config_change=False))
+        trained = cmd_train(parser.parse_args(["train", f"{DEMO_SIGLIP_CONFIG}:{args.siglip}", "--workdir",
+                                               str(workdir)]))
     return status or generated or trained
 
 
