@@ -17,6 +17,7 @@ from big_vision_lite.bench.decode import (
     mean_cache_length,
     measure_matmul_rate,
     run_decode_bench,
+    targets_met,
 )
 from big_vision_lite.models.gemma import DecoderConfig
 from big_vision_lite.utils.timing import CompileSpans
@@ -99,6 +100,13 @@ def test_bytes_per_step_is_a_hand_count(result, folder):
         assert row["floor_step_ms"] == pytest.approx(floor_ms, rel=1e-2, abs=1e-3)
         if row["ours_step_ms"] is not None:
             assert row["bandwidth_fraction"] == pytest.approx(row["floor_step_ms"] / row["ours_step_ms"], rel=0.05)
+
+
+def test_bfloat16_targets_are_parity_with_pytorch_and_no_floor():
+    rows = [{"batch": 1, "speedup": 1.01, "bandwidth_fraction": 0.1}, {"batch": 8, "speedup": 0.99,
+                                                                        "bandwidth_fraction": 0.1}]
+    assert targets_met(rows, "bfloat16") == {"speedup_b1": True, "speedup_b8": False}
+    assert targets_met(rows, "float32") == {"speedup_b1": False, "speedup_b8": False, "bandwidth_fraction_b1": False}
 
 
 def test_ok_follows_targets(result):
