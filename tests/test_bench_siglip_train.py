@@ -7,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from big_vision_lite.bench.harness import TRAIN_CHECK_LOSS_TOL, TRAIN_FIRST_LOSS_TOL
 from big_vision_lite.bench.siglip_train import (
-    CHECK_LOSS_TOL,
-    FIRST_LOSS_TOL,
     TARGET_RATIO,
     TORCH_IMPLS,
     bench_batches,
@@ -51,13 +50,15 @@ def test_json_contract(result):
 def test_losses_agree(result):
     # Same weights, same batch: the first loss is the same; the same optimiser keeps the later ones together.
     assert result["first_loss_ours"] > 0
-    assert result["first_loss_rel_diff"] <= FIRST_LOSS_TOL and result["check_loss_rel_diff"] <= CHECK_LOSS_TOL
+    assert result["first_loss_rel_diff"] <= TRAIN_FIRST_LOSS_TOL
+    assert result["check_loss_rel_diff"] <= TRAIN_CHECK_LOSS_TOL
     assert result["losses_agree"]
     assert all(len(losses) == CHECK for losses in result["check_losses"].values())
     change = result["loss_change"]
     assert change["ours"] < 0  # it trained (the smoke warmup is 2 steps: the lr is > 0 from the second step)
     for impl, side in result["torch_sides"].items():
-        assert side["first_loss_rel_diff"] <= FIRST_LOSS_TOL and side["check_loss_rel_diff"] <= CHECK_LOSS_TOL
+        assert side["first_loss_rel_diff"] <= TRAIN_FIRST_LOSS_TOL
+        assert side["check_loss_rel_diff"] <= TRAIN_CHECK_LOSS_TOL
         assert change[impl] == pytest.approx(change["ours"], rel=1e-2)
         assert side["final_loss_rel_diff"] <= 1e-3
     probe_steps = BLOCK * len(result["torch_thread_probe_ms"])

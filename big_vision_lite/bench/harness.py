@@ -185,6 +185,53 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
+TRAIN_FIRST_LOSS_TOL = 1e-4  # train-step benches: relative difference of the first loss (same weights and batch)
+TRAIN_CHECK_LOSS_TOL = 1e-3  # ... of the loss after the check steps (float32 drift of the updates)
+
+
+def train_step_summary(per_step: dict[str, list[float]], check: dict[str, list[float]], final: dict[str, float],
+                       batch_size: int, impls: Sequence[str], target: float) -> dict[str, Any]:
+    """The figures every train-step bench reports from `train_step_timing`'s output: per PyTorch side (`impls`)
+    its median step, examples/s and losses beside ours (`torch_sides`); the faster side, `ratio` = our examples/s
+    over its, and whether every side's losses agree with ours (`losses_agree`)."""
+    step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
+    best = min(impls, key=step_s.__getitem__)
+    sides = {impl: {
+        "step_ms": median_ms(per_step[impl]),
+        "examples_per_s": round(batch_size / step_s[impl], 2),
+        "first_loss": check[impl][0],
+        "first_loss_rel_diff": rel_diff(check["ours"][0], check[impl][0]),
+        "check_loss_rel_diff": rel_diff(check["ours"][-1], check[impl][-1]),
+        "final_loss": final[impl],
+        "final_loss_rel_diff": rel_diff(final["ours"], final[impl]),
+    } for impl in impls}
+    agree = all(side["first_loss_rel_diff"] <= TRAIN_FIRST_LOSS_TOL
+                and side["check_loss_rel_diff"] <= TRAIN_CHECK_LOSS_TOL for side in sides.values())
+    ours_ex_s = batch_size / step_s["ours"]
+    return {
+        "ours_examples_per_s": round(ours_ex_s, 2),
+        "torch_examples_per_s": sides[best]["examples_per_s"],
+        "torch_attn_implementation": best,
+        "ratio": round(ours_ex_s / (batch_size / step_s[best]), 4),
+        "target": target,
+        "ours_step_ms": median_ms(per_step["ours"]),
+        "torch_step_ms": sides[best]["step_ms"],
+        "times_ms": {name: times_ms(ts) for name, ts in per_step.items()},
+        "torch_sides": sides,
+        "first_loss_ours": check["ours"][0],
+        "first_loss_torch": sides[best]["first_loss"],
+        "first_loss_rel_diff": sides[best]["first_loss_rel_diff"],
+        "check_losses": check,
+        "check_loss_rel_diff": sides[best]["check_loss_rel_diff"],
+        "loss_change": {name: losses[-1] - losses[0] for name, losses in check.items()},
+        "final_loss_ours": final["ours"],
+        "final_loss_torch": sides[best]["final_loss"],
+        "final_loss_rel_diff": sides[best]["final_loss_rel_diff"],
+        "loss_tolerances": {"first": TRAIN_FIRST_LOSS_TOL, "check": TRAIN_CHECK_LOSS_TOL},
+        "losses_agree": agree,
+    }
+
+
 class JaxStepRunner:
     """A compiled train step over a donated state, cycling through `batches`; `run(n)` takes n steps and waits for
     their results (`block_until_ready`)."""

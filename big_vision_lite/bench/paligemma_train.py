@@ -38,14 +38,13 @@ decoder (`model.llm.lora`) and trains only them (`trainable = ["lora_"]`).
   `torch.compile`.
 
 Per setting, all sides first take `check_steps` untimed steps (same weights, same batches; the warm-up too): the
-first losses must agree within `FIRST_LOSS_TOL` and the last within `CHECK_LOSS_TOL`. Then `steps` timed steps
-per side in blocks of `block_steps`, interleaved (`harness.train_step_timing`). Examples/s = B / median per-step
-time; `ratio` = ours / the faster torch side, target >= `TARGET_RATIO`. After timing, the frozen parameters of
-every side are compared with their initial values (`frozen_unchanged`). Memory: ours' XLA figures of the compiled
-step (`train.plan.memory_stats`: state, batch, outputs and temporaries), each side's optimizer state, torch's
-parameters + gradients + optimizer state (its activations are not counted), and the process's peak RSS after
-each setting (one process holds every side, so it only grows).
-"""
+first losses must agree within `harness.TRAIN_FIRST_LOSS_TOL` and the last within `harness.TRAIN_CHECK_LOSS_TOL`.
+Then `steps` timed steps per side in blocks of `block_steps`, interleaved (`harness.train_step_timing`). Examples/s
+= B / median per-step time; `ratio` = ours / the faster torch side, target >= `TARGET_RATIO`. After timing, the
+frozen parameters of every side are compared with their initial values (`frozen_unchanged`). Memory: ours' XLA
+figures of the compiled step (`train.plan.memory_stats`: state, batch, outputs and temporaries), each side's
+optimizer state, torch's parameters + gradients + optimizer state (its activations are not counted), and the
+process's peak RSS after each setting (one process holds every side, so it only grows). """
 
 import dataclasses
 import itertools
@@ -66,13 +65,11 @@ from big_vision_lite.bench.harness import (
     busy_warning,
     environment,
     loadavg,
-    median_ms,
     peak_rss_gib,
-    rel_diff,
-    times_ms,
     torch_adamw,
     torch_num_threads,
     torch_thread_candidates,
+    train_step_summary,
     train_step_timing,
 )
 from big_vision_lite.checkpoints.hf_paligemma import detect_layout, paligemma_config_to_hf, paligemma_params_to_hf
@@ -86,8 +83,6 @@ from big_vision_lite.train.plan import memory_stats
 from big_vision_lite.train.sharding import shard_batch
 
 TARGET_RATIO = 1.5  # ours must train at least this many times as many examples per second as PyTorch
-FIRST_LOSS_TOL = 1e-4  # relative difference of the first step's loss (same weights, same batch; float32)
-CHECK_LOSS_TOL = 1e-3  # relative difference of the loss after `check_steps` steps (float32 drift of the updates)
 DEFAULT_CONFIG = "paligemma_shapes_caption"
 TORCH_IMPLS = ("eager", "sdpa")
 ATTENTION_PATTERN = r"^llm/layers[^/]*/attn/"  # the decoder's attention weights (unrolled or scanned layers)
@@ -381,31 +376,18 @@ def run_setting(config: ml_collections.ConfigDict, *, model: str, setting: str, 
             off_block[impl] = max(float((named[n].detach() * (1 - m)).abs().max()) for n, m in f["block_masks"].items())
     ours_opt = sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(ours.state["opt_state"]))
 
-    step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
-    best = min(impls, key=step_s.__getitem__)
     b = config.batch_size
-    sides = {}
-    for impl in impls:
+    summary = train_step_summary(per_step, check, final, b, impls, TARGET_RATIO)
+    for impl, side in summary["torch_sides"].items():
         f = facts[impl]
-        sides[impl] = {
-            "step_ms": median_ms(per_step[impl]),
-            "examples_per_s": round(b / step_s[impl], 2),
-            "first_loss": check[impl][0],
-            "first_loss_rel_diff": rel_diff(check["ours"][0], check[impl][0]),
-            "check_loss_rel_diff": rel_diff(check["ours"][-1], check[impl][-1]),
-            "final_loss": final[impl],
-            "final_loss_rel_diff": rel_diff(final["ours"], final[impl]),
+        side |= {
             "trained_tensors": f["trained_tensors"],
             "frozen_tensors": f["frozen_tensors"],
             "optimizer_state_mib": _mib(_optimizer_state_bytes(f["optimizer"])),
             "params_grads_opt_mib": _mib(_torch_bytes(list(f["model"].parameters())) + _torch_bytes(f["trained"])
                                          + _optimizer_state_bytes(f["optimizer"])),
         }
-    agree = all(side["first_loss_rel_diff"] <= FIRST_LOSS_TOL and side["check_loss_rel_diff"] <= CHECK_LOSS_TOL
-                for side in sides.values())
     frozen_ok = all(unchanged.values()) and all(v == 0.0 for v in off_block.values())
-    ours_ex_s = b / step_s["ours"]
-    ratio = ours_ex_s / (b / step_s[best])
     n_params = sum(int(np.size(a)) for a in jax.tree.leaves(host_params))
     n_trained = sum(int(np.size(a)) for a, t in zip(jax.tree.leaves(host_params), jax.tree.leaves(trainable),
                                                     strict=True) if t)
@@ -413,27 +395,10 @@ def run_setting(config: ml_collections.ConfigDict, *, model: str, setting: str, 
     return {
         "model": model,
         "setting": setting,
-        "ours_examples_per_s": round(ours_ex_s, 2),
-        "torch_examples_per_s": sides[best]["examples_per_s"],
-        "torch_attn_implementation": best,
-        "ratio": round(ratio, 4),
-        "target": TARGET_RATIO,
-        "ok": bool(ratio >= TARGET_RATIO and agree and frozen_ok),
-        "ours_step_ms": median_ms(per_step["ours"]),
-        "torch_step_ms": sides[best]["step_ms"],
-        "times_ms": {name: times_ms(ts) for name, ts in per_step.items()},
-        "torch_sides": sides,
+        **summary,
+        "ok": bool(summary["ratio"] >= TARGET_RATIO and summary["losses_agree"] and frozen_ok),
         "compile_s": round(compile_s, 3),
-        "first_loss_ours": check["ours"][0],
-        "first_loss_torch": sides[best]["first_loss"],
-        "first_loss_rel_diff": sides[best]["first_loss_rel_diff"],
-        "check_losses": check,
-        "check_loss_rel_diff": sides[best]["check_loss_rel_diff"],
-        "loss_change": {name: losses[-1] - losses[0] for name, losses in check.items()},
-        "final_loss_ours": final["ours"],
-        "final_loss_torch": sides[best]["final_loss"],
         "final_step": ours.steps_done,
-        "losses_agree": agree,
         "frozen_unchanged": unchanged,
         "frozen_tensors": frozen_counts,
         "lora_off_block_max": off_block,
@@ -530,7 +495,6 @@ def run_paligemma_train_bench(
         "block_steps": block_steps,
         "check_steps": check_steps,
         "num_batches": num_batches,
-        "loss_tolerances": {"first": FIRST_LOSS_TOL, "check": CHECK_LOSS_TOL},
         "optimizer": base.optimizer.to_dict() | {"total_steps": base.total_steps},
         "ours": {"jit": "train.loop.prepare(...).step (jax.jit, state donated, config shardings) + lower().compile()"},
         "torch": {"fused_adamw": fused_adamw, "attn_implementations": impls, "mode": "eager mode, no torch.compile",

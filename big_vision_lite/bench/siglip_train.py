@@ -54,13 +54,11 @@ from big_vision_lite.bench.harness import (
     busy_warning,
     environment,
     loadavg,
-    median_ms,
     peak_rss_gib,
-    rel_diff,
-    times_ms,
     torch_adamw,
     torch_num_threads,
     torch_thread_candidates,
+    train_step_summary,
     train_step_timing,
 )
 from big_vision_lite.checkpoints.hf_siglip import siglip_config_to_hf, siglip_params_to_hf
@@ -69,8 +67,6 @@ from big_vision_lite.train.loop import Trainer, prepare, reuse_freed_host_memory
 from big_vision_lite.train.sharding import shard_batch
 
 TARGET_RATIO = 1.3  # ours must train at least this many times as many examples per second as PyTorch
-FIRST_LOSS_TOL = 1e-4  # relative difference of the first step's loss (same weights, same batch; float32)
-CHECK_LOSS_TOL = 1e-3  # relative difference of the loss after `check_steps` steps (float32 drift of the updates)
 DEFAULT_CONFIG = "siglip_shapes"  # a packaged config
 # transformers' attention implementations timed on the PyTorch side; the faster one is the reference. On the 2-core
 # AVX-512 CPU at the shapes config's sizes, eager ran ~15% faster than sdpa (130 against 150 ms per step).
@@ -259,51 +255,16 @@ def run_siglip_train_bench(
         busy, per_step = timing["busy"], timing["per_step"]
         env = environment(loadavg_start=loadavg_start, torch_threads=threads)
 
-    step_s = {name: float(np.median(ts)) for name, ts in per_step.items()}
-    best = min(impls, key=step_s.__getitem__)
-    sides = {}
-    for impl in impls:
-        sides[impl] = {
-            "step_ms": median_ms(per_step[impl]),
-            "examples_per_s": round(config.batch_size / step_s[impl], 2),
-            "first_loss": check[impl][0],
-            "first_loss_rel_diff": rel_diff(check["ours"][0], check[impl][0]),
-            "check_loss_rel_diff": rel_diff(check["ours"][-1], check[impl][-1]),
-            "final_loss": final[impl],
-            "final_loss_rel_diff": rel_diff(final["ours"], final[impl]),
-        }
-    agree = all(side["first_loss_rel_diff"] <= FIRST_LOSS_TOL and side["check_loss_rel_diff"] <= CHECK_LOSS_TOL
-                for side in sides.values())
-    ours_ex_s = config.batch_size / step_s["ours"]
-    ratio = ours_ex_s / (config.batch_size / step_s[best])
+    summary = train_step_summary(per_step, check, final, config.batch_size, impls, TARGET_RATIO)
     n_params = sum(int(np.size(a)) for a in jax.tree.leaves(host_params))
     sizes = _sizes(config, cfg, n_params)
     return {
         "benchmark": "siglip_train",
         "config": spec,
-        "ours_examples_per_s": round(ours_ex_s, 2),
-        "torch_examples_per_s": sides[best]["examples_per_s"],
-        "torch_attn_implementation": best,
-        "ratio": round(ratio, 4),
-        "target": TARGET_RATIO,
-        "ok": bool(ratio >= TARGET_RATIO and agree),
-        "ours_step_ms": median_ms(per_step["ours"]),
-        "torch_step_ms": sides[best]["step_ms"],
-        "times_ms": {name: times_ms(ts) for name, ts in per_step.items()},
-        "torch_sides": sides,
+        **summary,
+        "ok": bool(summary["ratio"] >= TARGET_RATIO and summary["losses_agree"]),
         "compile_s": round(compile_s, 3),
-        "first_loss_ours": check["ours"][0],
-        "first_loss_torch": sides[best]["first_loss"],
-        "first_loss_rel_diff": sides[best]["first_loss_rel_diff"],
-        "check_losses": check,
-        "check_loss_rel_diff": sides[best]["check_loss_rel_diff"],
-        "loss_change": {name: losses[-1] - losses[0] for name, losses in check.items()},
-        "final_loss_ours": final["ours"],
-        "final_loss_torch": sides[best]["final_loss"],
-        "final_loss_rel_diff": sides[best]["final_loss_rel_diff"],
         "final_step": ours.steps_done,
-        "loss_tolerances": {"first": FIRST_LOSS_TOL, "check": CHECK_LOSS_TOL},
-        "losses_agree": agree,
         "sizes": sizes,
         "batch": config.batch_size,
         "steps": steps,
