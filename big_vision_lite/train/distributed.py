@@ -152,12 +152,6 @@ def broadcast_json(value: Any) -> Any:
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
-def barrier(name: str) -> None:
-    """Waits until every process of the group reaches the barrier `name`."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 @contextlib.contextmanager
 def main_process_first(name: str) -> Iterator[None]:
     """Process 0 runs the block first (it may write shared files, e.g. a trained tokenizer); the others run it once
@@ -232,6 +226,4 @@ def gather_objects(value: Any) -> list[Any]:
 
 def host_copy(tree: Any) -> Any:
     """Every leaf of `tree` whole, as numpy, on every process (an all-gather: every process must call it)."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
