@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +24,10 @@ from big_vision_lite.checkpoints.hf_siglip import (
     siglip_params_from_hf,
     siglip_params_to_hf,
 )
+from big_vision_lite.models.attention_core import attend
 from big_vision_lite.models.text import TextConfig, text_config
 from big_vision_lite.models.two_towers import TwoTowers, init_params, relayout_two_towers, two_towers_config
-from big_vision_lite.models.vit import VARIANTS, ViT, ViTConfig, vit_config
+from big_vision_lite.models.vit import VARIANTS, MultiHeadAttention, ViT, ViTConfig, vit_config
 from big_vision_lite.parity import run_parity
 from big_vision_lite.parity.siglip import siglip_parity_batch
 
@@ -359,3 +361,48 @@ def test_params_from_hf_checks_state(tiny):
     tokens_out, _ = ViT(cfg.image).apply({"params": params["img"]}, images)
     assert tokens_out.shape == (2, 16, 32)
     assert isinstance(cfg.text, TextConfig)
+
+
+def _plain_attention(q, k, v, key_mask, scale):
+    """The attention core as autodiff sees it: the formula `attend` must equal, values and gradients."""
+    logits = jnp.einsum("BNTH,BNSH->BNTS", q, k) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, -1e30)
+    return jnp.einsum("BNTS,BNSH->BNTH", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_core_gradients_match_autodiff(masked):
+    rng = np.random.default_rng(0)
+    q, k, v, cotangent = (jnp.asarray(rng.normal(size=(3, 2, 5, 8)), jnp.float32) for _ in range(4))
+    key_mask = jnp.asarray(rng.random((3, 5)) < 0.6).at[:, 0].set(True) if masked else None
+    out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, key_mask, 0.35), q, k, v)
+    want, want_pullback = jax.vjp(lambda q, k, v: _plain_attention(q, k, v, key_mask, 0.35), q, k, v)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    for got_grad, want_grad, name in zip(pullback(cotangent), want_pullback(cotangent), "qkv", strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6, err_msg=f"gradient of {name}")
+    if masked:  # a key never attended gets no gradient, whatever its value
+        dk = pullback(cotangent)[1]
+        assert np.all(np.asarray(dk)[~np.asarray(key_mask)[:, None, :, None].repeat(2, 1).repeat(8, 3)] == 0)
+
+
+class _DenseGeneralAttentionParams(nn.Module):
+    """flax's MultiHeadDotProductAttention parameters (what the ViT's attention used to create with DenseGeneral)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> None:
+        xavier = nn.initializers.xavier_uniform()
+        for name in ("query", "key", "value"):
+            nn.DenseGeneral((4, 4), kernel_init=xavier, name=name)(x)
+        nn.DenseGeneral(16, axis=(-2, -1), kernel_init=xavier, name="out")(jnp.ones((2, 3, 4, 4)))
+
+
+def test_attention_parameters_initialise_as_flax_dense_general():
+    """The fused q/k/v projection keeps flax's parameter names, shapes and initial values: runs started before it
+    reproduce, and big_vision checkpoints load."""
+    x = jnp.ones((2, 3, 16))
+    ours = MultiHeadAttention(num_heads=4).init(jax.random.key(7), x)["params"]
+    want = _DenseGeneralAttentionParams().init(jax.random.key(7), x)["params"]
+    assert jax.tree.structure(ours) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision_lite.models.attention import BIG_NEG
+from big_vision_lite.models.attention_core import attend
 from big_vision_lite.models.layers import LayerNorm, constrain, remat
 from big_vision_lite.utils.dtypes import as_dtype
 
@@ -191,30 +191,63 @@ class MlpBlock(nn.Module):
         return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)  # [B, T, D]
 
 
+class Projection(nn.Module):
+    """A DenseGeneral's `kernel` and `bias` (flax's shapes, inits and names) without the matmul: the attention
+    below multiplies several of them at once. `in_shape` + `out_shape` is the kernel's shape, `out_shape` the
+    bias's; the kernel is initialised as the [prod(in), prod(out)] matrix, as flax's DenseGeneral does."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+        kernel_shape = self.in_shape + self.out_shape
+
+        def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+            return nn.initializers.xavier_uniform()(key, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", kernel_init, kernel_shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, self.out_shape, self.param_dtype)
+        return kernel, bias
+
+
 class MultiHeadAttention(nn.Module):
     """Bidirectional multi-head attention with biases; queries from `xq` [B, T, D], keys and values from `xkv`
-    [B, S, D], keys outside `key_mask` [B, S] (if given) never attended. Logits and softmax in float32. Param names
-    and shapes follow flax's MultiHeadDotProductAttention."""
+    [B, S, D] (None: self-attention, from `xq`), keys outside `key_mask` [B, S] (if given) never attended. Param
+    names and shapes follow flax's MultiHeadDotProductAttention: `query`, `key`, `value` kernel [D, N, H], bias
+    [N, H]; `out` kernel [N, H, D], bias [D].
+
+    Computed heads-first: self-attention projects q, k and v with one matmul (the three kernels side by side,
+    [D, 3, N, H]) into [3, B, N, T, H], and the core (`attention_core.attend`: float32 logits and softmax) runs
+    on [B, N, T, H] with its own backward pass."""
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, xq: jax.Array, xkv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, xq: jax.Array, xkv: jax.Array | None = None, key_mask: jax.Array | None = None) -> jax.Array:
         d = xq.shape[-1]
         n = self.num_heads
         h = d // n
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
-        q = nn.DenseGeneral((n, h), name="query", **kw)(xq)  # [B, T, N, H]
-        k = nn.DenseGeneral((n, h), name="key", **kw)(xkv)  # [B, S, N, H]
-        v = nn.DenseGeneral((n, h), name="value", **kw)(xkv)  # [B, S, N, H]
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, BIG_NEG)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, N, T, S]
-        y = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
-        return nn.DenseGeneral(d, axis=(-2, -1), name="out", **kw)(y)  # [B, T, D]
+        (wq, bq), (wk, bk), (wv, bv) = (
+            jax.tree.map(lambda a: a.astype(self.dtype), Projection((d,), (n, h), self.param_dtype, name=name)())
+            for name in ("query", "key", "value"))
+        xq = xq.astype(self.dtype)
+        if xkv is None:
+            kernel = jnp.stack([wq, wk, wv], axis=1)  # [D, 3, N, H]
+            bias = jnp.stack([bq, bk, bv])[:, None, :, None, :]  # [3, 1, N, 1, H]
+            q, k, v = jnp.einsum("BTD,DCNH->CBNTH", xq, kernel) + bias  # each [B, N, T, H]
+        else:
+            xkv = xkv.astype(self.dtype)
+            q = jnp.einsum("BTD,DNH->BNTH", xq, wq) + bq[:, None, :]
+            k = jnp.einsum("BSD,DNH->BNSH", xkv, wk) + bk[:, None, :]
+            v = jnp.einsum("BSD,DNH->BNSH", xkv, wv) + bv[:, None, :]
+        y = attend(q, k, v, key_mask, h**-0.5)  # [B, N, T, H]
+        wo, bo = jax.tree.map(lambda a: a.astype(self.dtype), Projection((n, h), (d,), self.param_dtype, name="out")())
+        return jnp.einsum("BNTH,NHD->BTD", y, wo) + bo  # [B, T, D]
 
 
 class EncoderBlock(nn.Module):
@@ -234,7 +267,7 @@ class EncoderBlock(nn.Module):
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(x, self.activation_sharding)
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_0")(x)
-        y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, y, key_mask)
+        y = MultiHeadAttention(self.num_heads, **dtypes, name="MultiHeadDotProductAttention_0")(y, None, key_mask)
         x = x + y
         y = LayerNorm(self.norm_eps, **dtypes, name="LayerNorm_1")(x)
         x = constrain(x + MlpBlock(self.mlp_dim, **dtypes, name="MlpBlock_0")(y), self.activation_sharding)
