@@ -24,6 +24,7 @@ from big_vision_lite.train.tasks.paligemma import (
     PaliGemmaTask,
     attribute_accuracies,
     caption_eval_sources,
+    caption_loss,
     check_same_data,
     parse_shapes_caption,
 )
@@ -90,6 +91,37 @@ def test_loss_covers_the_suffix_only(siglip_dir, tmp_path):
     image_cols = ids == task.processor.image_token_id
     assert not (weights & image_cols).any() and weights.sum(1).min() > 5
     assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
+
+
+class _GivenLogits:
+    """A stand-in model whose "parameters" are the logits [B, T, V] it returns."""
+
+    def apply(self, variables, *args, **kwargs):
+        return variables["params"], None, None
+
+
+def test_caption_loss_and_accuracy_on_given_logits():
+    """Cross-entropy of each next token and greedy accuracy, at the loss positions only, against numpy (argmax)."""
+    rng = np.random.default_rng(3)
+    b, t, v = 3, 7, 11
+    ids = rng.integers(0, v, size=(b, t)).astype(np.int32)
+    loss_mask = rng.random((b, t)) < 0.6
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    rows, cols = np.nonzero(rng.random((b, t - 1)) < 0.5)  # about half the positions predict their target
+    logits[rows, cols, ids[rows, cols + 1]] = 5.0
+    batch = {"input_ids": ids, "input_mask": np.ones((b, t), bool), "mask_ar": np.zeros((b, t), np.int32),
+             "loss_mask": loss_mask, "image": np.zeros((b, 2, 2, 3), np.float32)}
+    loss, accuracy = caption_loss(_GivenLogits(), jnp.asarray(logits), jax.tree.map(jnp.asarray, batch))
+
+    weights = loss_mask[:, 1:].astype(np.float64)
+    x = logits[:, :-1].astype(np.float64)
+    log_probs = x - x.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(float(loss), (ce * weights).sum() / weights.sum(), rtol=1e-6)
+    want = ((x.argmax(-1) == ids[:, 1:]) * weights).sum() / weights.sum()
+    assert 0.2 < want < 0.8  # the test sees both outcomes
+    np.testing.assert_allclose(float(accuracy), want, rtol=1e-6)
 
 
 def test_lora_with_frozen_base_trains_only_the_adapters(siglip_dir, tmp_path):
