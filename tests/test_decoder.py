@@ -9,7 +9,7 @@ import pytest
 
 from big_vision_lite.checkpoints import load
 from big_vision_lite.models.attention import Attention, rope_inv_freq
-from big_vision_lite.models.gemma import Decoder, DecoderConfig, stack_layers, unstack_layers
+from big_vision_lite.models.gemma import Decoder, DecoderConfig, FeedForward, stack_layers, unstack_layers
 from big_vision_lite.models.lora import Einsum, LoRAConfig, lora_equations
 from big_vision_lite.models.masks import causal_mask, positions_from_mask, prefill_mask
 from big_vision_lite.parity.decoder import parity_batch
@@ -241,3 +241,29 @@ def test_per_layer_cache_equals_stacked_cache(tiny_checkpoints):
     scanned, scanned_params, _ = _load(tiny_checkpoints["gemma2"], scan_layers=True)
     with pytest.raises(ValueError, match=r"per-layer \(tuple\) cache needs scan_layers=False"):
         scanned.apply({"params": scanned_params}, *step, per_layer)
+
+
+@pytest.mark.parametrize("lora", [None, LoRAConfig(rank=2, alpha=4.0)])
+def test_gated_mlp_gradients_match_the_plain_formula(lora):
+    """The gated MLP's hand-written backward (both halves of `gating_einsum` as plain matmuls) against autodiff of
+    linear(gelu(x W0) * (x W1)), for the input and every parameter (LoRA's adapters folded into the formula)."""
+    cfg = DecoderConfig(vocab_size=16, width=8, depth=1, mlp_dim=12, num_heads=2, num_kv_heads=1, head_dim=4, lora=lora)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    params = FeedForward(cfg).init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), a.dtype), params)  # LoRA B non-zero
+
+    def plain(p, x):
+        w = p["gating_einsum"]
+        if lora is not None:
+            w = w + lora.scale * jnp.einsum("cDL,cLF->cDF", p["gating_einsum_lora_a"], p["gating_einsum_lora_b"])
+        linear = p["linear"]
+        if lora is not None:
+            linear = linear + lora.scale * p["linear_lora_a"] @ p["linear_lora_b"]
+        hidden = jax.nn.gelu(x @ w[0], approximate=True) * (x @ w[1])
+        return jnp.sum(jnp.sin(hidden @ linear))
+
+    ours = jax.grad(lambda p, x: jnp.sum(jnp.sin(FeedForward(cfg).apply({"params": p}, x))), argnums=(0, 1))
+    got, want = ours(params, x), jax.grad(plain, argnums=(0, 1))(params, x)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=jax.tree_util.keystr(path))

@@ -147,11 +147,9 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, w_init=nn.initializers.lecun_normal(), lora=cfg.lora)
-        # x is broadcast over the gate/up axis c so that c is a batch axis of the dot: XLA then reads each [D, F]
-        # half of the weight in place. ("BTD,cDF->cBTF" made it compute [2F, BT] and transpose the result and the
-        # weight on every call.) The LoRA adapters keep their shapes: A [2, D, L], B [2, L, F].
-        xs = jnp.broadcast_to(x, (2, *x.shape))
-        gate, up = lora_einsum(self, "gating_einsum", (2, cfg.width, cfg.mlp_dim), "cBTD,cDF->cBTF", xs, **kw)
+        # Both halves of the weight at once, each read in place (lora._stacked_matmul). The LoRA adapters keep
+        # their shapes: A [2, D, L], B [2, L, F].
+        gate, up = lora_einsum(self, "gating_einsum", (2, cfg.width, cfg.mlp_dim), "BTD,cDF->cBTF", x, **kw)
         hidden = ACTIVATIONS[cfg.activation](gate) * up  # [B, T, F]
         self.sow("intermediates", "gate", gate)  # parity's drill-down (a no-op unless the collection is mutable)
         self.sow("intermediates", "hidden", hidden)

@@ -52,12 +52,49 @@ def lora_equations(equation: str) -> tuple[str, str]:
     return a_eq, b_eq
 
 
+@jax.custom_vjp
+def _stacked_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [.., D] times each matrix of the stack w [C, D, F]: [C, .., F] (the gate|up pair of the gated MLP).
+
+    The forward pass broadcasts x over C, so C is a batch axis of one dot and XLA reads each [D, F] matrix in place
+    (as "..D,CDF->C..F" it transposed the weight or the result on every call). The backward pass is written out
+    as C plain matmuls per operand: autodiff's transpose of the broadcast made the gradient of x one batched dot
+    fused with a sum over C, which XLA:CPU ran at a third to a half of its matmul rate (the largest single cost
+    of the PaliGemma bench's "large" train step).
+    """
+    return _stacked_matmul_fwd(x, w)[0]
+
+
+def _stacked_matmul_fwd(x, w):
+    xs = jnp.broadcast_to(x, (w.shape[0], *x.shape))  # [C, .., D]
+    return jnp.einsum("c...d,cdf->c...f", xs, w), (x, w)
+
+
+def _stacked_matmul_bwd(residuals, grad):
+    x, w = residuals  # grad [C, .., F]
+    grad_x = sum(grad[c] @ w[c].T for c in range(w.shape[0]))  # [.., D]
+    flat_x = x.reshape(-1, x.shape[-1])  # [M, D]
+    grad_w = jnp.stack([flat_x.T @ grad[c].reshape(-1, w.shape[-1]) for c in range(w.shape[0])])  # [C, D, F]
+    return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+
+
+_stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
+
+
 def _merged_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`einsum(equation, x, w)`; when x's trailing axes and w's leading axes are the contracted ones, in the same
-    order (the output projection "BTNH,NHD->BTD"), both are reshaped so one plain [.., N*H] @ [N*H, D] does it:
-    XLA otherwise transposes the weight on every call."""
+    """`einsum(equation, x, w)`, written so that XLA:CPU reads the weight in place:
+
+    - a stack of matrices w [C, D, F] whose axis C leads the output and x lacks ("BTD,cDF->cBTF", the gated MLP):
+      `_stacked_matmul`;
+    - x's trailing axes and w's leading axes are the contracted ones, in the same order (the output projection
+      "BTNH,NHD->BTD"): both are reshaped so one plain [.., N*H] @ [N*H, D] does it; XLA otherwise transposes the
+      weight on every call.
+    """
     lhs, out = equation.replace(" ", "").split("->")
     x_axes, w_axes = lhs.split(",")
+    if len(w_axes) == 3 and w_axes[0] not in x_axes and out == w_axes[0] + x_axes[:-1] + w_axes[2] \
+            and x_axes[-1] == w_axes[1]:
+        return _stacked_matmul(x, w)
     contracted = "".join(a for a in x_axes if a in w_axes and a not in out)
     n = len(contracted)
     if n < 2 or x_axes[-n:] != contracted or w_axes[:n] != contracted or out != x_axes[:-n] + w_axes[n:]:
