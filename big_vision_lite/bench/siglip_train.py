@@ -66,7 +66,7 @@ from big_vision_lite.train.config import load_config
 from big_vision_lite.train.loop import Trainer, prepare, reuse_freed_host_memory
 from big_vision_lite.train.sharding import shard_batch
 
-TARGET_RATIO = 1.3  # ours must train at least this many times as many examples per second as PyTorch
+TARGET_RATIO = 1.6  # ours must train at least this many times as many examples per second as PyTorch (issue 19)
 DEFAULT_CONFIG = "siglip_shapes"  # a packaged config
 # transformers' attention implementations timed on the PyTorch side; the faster one is the reference. On the 2-core
 # AVX-512 CPU at the shapes config's sizes, eager ran ~15% faster than sdpa (130 against 150 ms per step).
