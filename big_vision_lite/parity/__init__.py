@@ -68,8 +68,13 @@ def run_parity(model: str, dtype: Any = "float32", *, tolerance: float | None = 
     truth_dtype = TRUTH_DTYPE if dtype == "bfloat16" else None
     if against is None:
         with watch("load_reference"):
-            model_ref = torch_side.load_reference(loaded.kind, model, dtype)
-            truth_model = None if truth_dtype is None else torch_side.load_reference(loaded.kind, model, truth_dtype)
+            if truth_dtype is None:
+                model_ref, truth_model = torch_side.load_reference(loaded.kind, model, dtype), None
+            else:
+                truth_model = torch_side.load_reference(loaded.kind, model, truth_dtype)
+                # A packaged decoder's GGUF is read once (the slow part), the bfloat16 side rebuilt from it.
+                model_ref = (torch_side.reference_in_dtype(truth_model, dtype) if is_packaged_name(model)
+                             else torch_side.load_reference(loaded.kind, model, dtype))
         side = golden.RecordingReference if record else golden.LiveReference
         reference = side(model_ref, truth_model)
     # Full-precision float32 matmuls: on GPUs and TPUs JAX's default may round them (TF32, bfloat16 passes), which

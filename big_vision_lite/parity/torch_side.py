@@ -43,6 +43,18 @@ def load_reference(kind: str, name_or_path: str | Path, dtype: Any, attn_impleme
     return model.eval()
 
 
+def reference_in_dtype(model: Any, dtype: Any) -> Any:
+    """`model` (a transformers model from `load_reference`) rebuilt in `dtype`, eval mode: its class from the same
+    config, the state dict cast on loading, as `from_pretrained(..., dtype=dtype)` builds it. For a packaged
+    decoder this saves a second read of the GGUF file (transformers parses its whole vocabulary twice per load:
+    ~25 s for Gemma 3 270M); tests/test_real_models.py checks parameters, buffers and logits equal to a fresh
+    `load_reference` in bfloat16."""
+    attn = model.config._attn_implementation
+    rebuilt = type(model)._from_config(model.config, dtype=torch_dtype(dtype), attn_implementation=attn)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    return rebuilt.eval()
+
+
 def to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
     """torch tensors (any dtype) -> float32 numpy arrays."""
     return {k: v.detach().float().numpy() for k, v in tensors.items()}
